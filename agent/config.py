@@ -1,0 +1,241 @@
+"""Typed configuration of the agent: the YAML file is validated here and nowhere else.
+
+Field descriptions are the documentation (`edge-agent config schema` prints them). Driver-specific
+channel models live beside their drivers and are joined into `AgentConfig` through the driver registry.
+This module never opens a device or a socket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from agent.schema import ChannelBase, DeviceBase, Duration, Identifier, Model, PointBase
+
+
+class AgentIdentity(Model):
+    id: Identifier = Field(description="This agent's id; the last level of every MQTT topic root.")
+    enterprise: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")] = Field(
+        description="The platform's enterprise code (统一社会信用代码 or the county's code)."
+    )
+    name: str = Field("", description="Human-readable site name, shown in the CLI only.")
+
+
+class TlsConfig(Model):
+    ca: Path | None = Field(None, description="CA certificate file (PEM); the system store when omitted.")
+    cert: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key: Path | None = Field(None, description="Client private key (PEM) for mutual TLS.")
+    insecure: bool = Field(False, description="Skip server hostname verification (testing only).")
+
+
+class BatchConfig(Model):
+    max_readings: int = Field(
+        500, ge=1, le=5000, description="Readings per `data` message; a full batch is stored at once."
+    )
+    max_delay: Duration = Field(
+        1.0, le=60, description="Longest a reading waits in memory for its batch to fill before it is stored."
+    )
+
+
+class UplinkConfig(Model):
+    host: str = Field("127.0.0.1", min_length=1, description="MQTT broker host of the county platform.")
+    port: int = Field(1883, ge=1, le=65535, description="MQTT broker port (8883 is usual with TLS).")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version.")
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")] = Field(
+        "edge", description="First topic level(s): topics are {prefix}/{enterprise}/{agent}/..."
+    )
+    client_id: str | None = Field(None, description="MQTT client id; default {enterprise}-{agent}.")
+    username: str | None = Field(None, description="MQTT user name.")
+    password: str | None = Field(None, description="MQTT password.")
+    tls: TlsConfig | None = Field(None, description="TLS settings; plain TCP when omitted.")
+    keepalive: Duration = Field(30.0, ge=5, le=3600, description="MQTT keepalive interval.")
+    inflight: int = Field(
+        100,
+        ge=1,
+        le=10000,
+        description="Messages published but not yet acknowledged (PUBACK). When full the uplink stops "
+        "reading from the store until acknowledgements arrive (backpressure).",
+    )
+    reconnect_min: Duration = Field(1.0, gt=0, description="First reconnect delay; doubles on each failure.")
+    reconnect_max: Duration = Field(60.0, gt=0, description="Cap of the reconnect delay.")
+    connect_timeout: Duration = Field(10.0, gt=0, description="Longest wait for CONNACK.")
+    health_interval: Duration = Field(60.0, ge=1, description="Period of `health` messages.")
+    backlog_rate: int = Field(
+        20000,
+        ge=100,
+        description="Most readings per second replayed from the backlog (hist) beside live data.",
+    )
+    batch: BatchConfig = Field(default_factory=BatchConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> UplinkConfig:
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_max must not be below reconnect_min")
+        return self
+
+
+class StoreConfig(Model):
+    path: Path = Field(
+        Path("/var/lib/edge-agent/store.db"),
+        description="SQLite file of the store; relative paths are taken from the config file's folder.",
+    )
+    shutdown_drain: Duration = Field(
+        3.0, le=60, description="On a clean stop, how long to keep publishing what is stored before exit."
+    )
+
+
+if TYPE_CHECKING:
+    ChannelConfig = ChannelBase
+else:
+    from agent.drivers import registry as _registry
+
+    _models = tuple(d.channel_model for d in _registry.all_drivers())
+    ChannelConfig = Annotated[
+        Union[_models] if len(_models) > 1 else _models[0],  # noqa: UP007
+        Field(discriminator="driver"),
+    ]
+
+
+class AgentConfig(Model):
+    """The whole configuration file."""
+
+    agent: AgentIdentity
+    uplink: UplinkConfig = Field(default_factory=UplinkConfig)  # type: ignore[arg-type]
+    store: StoreConfig = Field(default_factory=StoreConfig)  # type: ignore[arg-type]
+    channels: list[ChannelConfig] = Field(default_factory=list, description="Field connections.")
+    version: str = Field("local", max_length=64, description="Configuration version, reported in `status`.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AgentConfig:
+        errors: list[str] = []
+        seen_channels: set[str] = set()
+        seen_points: dict[str, str] = {}
+        for ci, channel in enumerate(self.channels):
+            if channel.id in seen_channels:
+                errors.append(f"channels[{ci}].id: duplicate channel id {channel.id!r}")
+            seen_channels.add(channel.id)
+            seen_devices: set[str] = set()
+            for di, device in enumerate(getattr(channel, "devices", [])):
+                if device.id in seen_devices:
+                    errors.append(f"channels[{ci}].devices[{di}].id: duplicate device id {device.id!r}")
+                seen_devices.add(device.id)
+                for pi, point in enumerate(device.points):
+                    where = f"channels[{ci}].devices[{di}].points[{pi}].id"
+                    if point.id in seen_points:
+                        errors.append(f"{where}: duplicate point id {point.id!r} (also at {seen_points[point.id]})")
+                    else:
+                        seen_points[point.id] = where
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def points(self) -> list[tuple[ChannelBase, DeviceBase, PointBase]]:
+        """Every point with its channel and device, in file order."""
+        out: list[tuple[ChannelBase, DeviceBase, PointBase]] = []
+        for channel in self.channels:
+            for device in getattr(channel, "devices", []):
+                for point in device.points:
+                    out.append((channel, device, point))
+        return out
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; `errors` holds one line per problem, each with its path."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+
+def _render_loc(loc: tuple[int | str, ...], drivers: set[str]) -> str:
+    out = ""
+    prev: int | str | None = None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(prev, int) and part in drivers:
+            pass  # the discriminated-union tag pydantic inserts after channels[i]
+        else:
+            out += f".{part}" if out else part
+        prev = part
+    return out
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per error: `channels[0].devices[1].points[3].type: 'floa32' is not one of ...`."""
+    from agent.drivers import registry
+
+    drivers = {d.name for d in registry.all_drivers()}
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        where = _render_loc(tuple(err["loc"]), drivers) or "(top level)"
+        kind = err["type"]
+        ctx = err.get("ctx") or {}
+        value = err.get("input")
+        if kind == "literal_error":
+            msg = f"{value!r} is not one of {ctx.get('expected')}"
+        elif kind == "extra_forbidden":
+            msg = "unknown field (check the spelling; `edge-agent config schema` lists the fields)"
+        elif kind == "missing":
+            msg = "required field is missing"
+        elif kind == "union_tag_invalid":
+            msg = f"driver {ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
+        elif kind == "union_tag_not_found":
+            msg = f"field {ctx.get('discriminator')} is missing (one of {', '.join(sorted(drivers))})"
+        elif kind in ("value_error", "assertion_error"):
+            msg = str(ctx.get("error", err["msg"]))
+            # the cross-field check reports several located errors in one message
+            if where == "(top level)" and msg.startswith("channels["):
+                lines.extend(msg.split("; "))
+                continue
+        else:
+            msg = f"{err['msg']} (got {value!r})" if not isinstance(value, dict | list) else err["msg"]
+        lines.append(f"{where}: {msg}")
+    return lines
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    """Read, parse and validate a configuration file; raise ConfigError naming every problem."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [f"cannot read: {exc}"]) from None
+    return parse_config(text, source=source, base_dir=path.parent)
+
+
+def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> AgentConfig:
+    """Validate YAML text; relative store paths are resolved against base_dir."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"{where}YAML syntax error: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the file must be a YAML mapping with at least `agent:`"])
+    return validate_config_data(data, source=source, base_dir=base_dir)
+
+
+def validate_config_data(data: dict[str, Any], *, source: str, base_dir: Path | None) -> AgentConfig:
+    try:
+        config = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, format_validation_error(exc)) from None
+    if base_dir is not None and not config.store.path.is_absolute():
+        store = config.store.model_copy(update={"path": (base_dir / config.store.path).resolve()})
+        config = config.model_copy(update={"store": store})
+    return config
+
+
+def config_schema() -> dict[str, Any]:
+    return AgentConfig.model_json_schema()

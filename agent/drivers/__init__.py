@@ -1,0 +1,1 @@
+"""Protocol drivers, one module each, found through `agent.drivers.registry`."""
