@@ -68,7 +68,7 @@ class UplinkConfig(Model):
         ge=100,
         description="Most readings per second replayed from the backlog (hist) beside live data.",
     )
-    batch: BatchConfig = Field(default_factory=BatchConfig)  # type: ignore[arg-type]
+    batch: BatchConfig = Field(default_factory=BatchConfig)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> UplinkConfig:
@@ -103,8 +103,8 @@ class AgentConfig(Model):
     """The whole configuration file."""
 
     agent: AgentIdentity
-    uplink: UplinkConfig = Field(default_factory=UplinkConfig)  # type: ignore[arg-type]
-    store: StoreConfig = Field(default_factory=StoreConfig)  # type: ignore[arg-type]
+    uplink: UplinkConfig = Field(default_factory=UplinkConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
     channels: list[ChannelConfig] = Field(default_factory=list, description="Field connections.")
     version: str = Field("local", max_length=64, description="Configuration version, reported in `status`.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")

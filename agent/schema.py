@@ -5,8 +5,8 @@ Driver modules subclass these for their own options; this module imports no driv
 
 from __future__ import annotations
 
+import itertools
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -58,7 +58,7 @@ class Limits(Model):
     def _ordered(self) -> Limits:
         chain = [(n, getattr(self, n)) for n in ("low_low", "low", "high", "high_high")]
         present = [(n, v) for n, v in chain if v is not None]
-        for (name_a, a), (name_b, b) in zip(present, present[1:], strict=False):
+        for (name_a, a), (name_b, b) in itertools.pairwise(present):
             if a >= b:
                 raise ValueError(f"limits must rise low_low < low < high < high_high, but {name_a}={a} >= {name_b}={b}")
         return self

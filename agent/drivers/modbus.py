@@ -122,10 +122,7 @@ def encode(point: ModbusPoint, value: float | int | bool) -> list[int]:
     if point.type == "bool":
         raise ValueError("bool points are bits; set the bit in the register instead")
     char = _STRUCT_CHAR[point.type]
-    if char in "fd":
-        raw = struct.pack(">" + char, float(value))
-    else:
-        raw = struct.pack(">" + char, int(value))
+    raw = struct.pack(">" + char, float(value) if char in "fd" else int(value))
     order = point.order
     if len(raw) == 2:
         order = "DCBA" if order in ("BADC", "DCBA") else "ABCD"

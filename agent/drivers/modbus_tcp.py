@@ -7,6 +7,7 @@ never taken for the answer to the next one. Any transport error closes the socke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from typing import Literal
@@ -72,10 +73,8 @@ class ModbusTcpDriver:
         writer, self._writer, self._reader = self._writer, None, None
         if writer is not None:
             writer.close()
-            try:
+            with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
-            except (OSError, TimeoutError):
-                pass
 
     async def transact(self, unit: int, pdu: bytes, timeout: float) -> bytes:
         """Send one request PDU and return the reply PDU of the same transaction id."""
@@ -106,7 +105,10 @@ class ModbusTcpDriver:
             # a late reply would otherwise sit in the stream; a fresh connection keeps the link in step
             await self.close()
             raise TimeoutError(f"no reply within {timeout:g}s") from None
-        except (OSError, EOFError, asyncio.IncompleteReadError, FrameError):
+        except asyncio.IncompleteReadError as exc:
+            await self.close()
+            raise ConnectionError(f"connection closed by the server ({len(exc.partial)} bytes of a reply read)") from None
+        except (OSError, EOFError, FrameError):
             await self.close()
             raise
 

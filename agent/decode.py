@@ -1,0 +1,63 @@
+"""The decode stage: raw values from a driver become engineering values with a quality, one batch per poll.
+
+It never raises on a bad value: NaN, infinity or a missing value becomes a `bad` reading.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from agent.drivers.registry import DeviceRead
+from agent.points import PointInfo
+
+GOOD, UNCERTAIN, BAD = 0, 1, 2
+QUALITY_NAMES = ("good", "uncertain", "bad")
+
+
+class ReadingBatch:
+    """The readings of one device poll: parallel lists, one sample time."""
+
+    __slots__ = ("indices", "qualities", "ts", "values")
+
+    def __init__(self, ts: int, indices: list[int], values: list[Any], qualities: list[int]) -> None:
+        self.ts = ts
+        self.indices = indices
+        self.values = values
+        self.qualities = qualities
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def decode(points: list[PointInfo], indices: list[int], read: DeviceRead, ts: int) -> ReadingBatch:
+    """Apply scale/offset and the measuring range; `indices` are the device's points in driver order."""
+    values: list[Any] = []
+    qualities: list[int] = []
+    for index, raw in zip(indices, read.values, strict=True):
+        if raw is None:
+            values.append(None)
+            qualities.append(BAD)
+            continue
+        info = points[index]
+        if info.is_bool or raw is True or raw is False:
+            values.append(bool(raw))
+            qualities.append(GOOD)
+            continue
+        value = raw * info.scale + info.offset if (info.scale != 1.0 or info.offset != 0.0) else raw
+        if isinstance(value, float) and not math.isfinite(value):
+            values.append(None)
+            qualities.append(BAD)
+        elif info.lo <= value <= info.hi:
+            values.append(value)
+            qualities.append(GOOD)
+        else:
+            values.append(value)
+            qualities.append(UNCERTAIN)
+    return ReadingBatch(ts, list(indices), values, qualities)
+
+
+def bad_batch(indices: list[int], ts: int) -> ReadingBatch:
+    """Every point of a device `bad`: the device could not be read at all."""
+    n = len(indices)
+    return ReadingBatch(ts, list(indices), [None] * n, [BAD] * n)

@@ -1,0 +1,210 @@
+"""The pipeline: channels poll their devices; each poll goes decode → alarms → store as one batch.
+
+Alarm events are stored at once in their own commit; readings are grouped into `data` messages of at most
+`batch.max_readings`, stored when a message is full or `batch.max_delay` has passed. A failing device is
+backed off, and while it is, each of its poll slots still yields `bad` readings: never silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.alarms import AlarmEngine, AlarmEvent
+from agent.buffer.store import Store
+from agent.config import AgentConfig
+from agent.decode import BAD, GOOD, UNCERTAIN, ReadingBatch, bad_batch, decode
+from agent.drivers import registry
+from agent.drivers.registry import DeviceRead, Driver
+from agent.messages import KIND_ALARM, KIND_DATA, alarm_body, data_body, identity_fields
+from agent.points import DeviceSlot, PointTable
+from agent.schema import ChannelBase
+
+log = logging.getLogger(__name__)
+
+_UNKNOWN = 255
+
+
+class Pipeline:
+    def __init__(self, config: AgentConfig, store: Store, on_stored: Callable[[], None] = lambda: None) -> None:
+        self.config = config
+        self.store = store
+        self.on_stored = on_stored
+        self.table = PointTable(config)
+        self.alarms = AlarmEngine(self.table)
+        self.identity = identity_fields(config.agent.id, config.agent.enterprise)
+        self.max_readings = config.uplink.batch.max_readings
+        self.max_delay = config.uplink.batch.max_delay
+        self.quality = bytearray([_UNKNOWN]) * len(self.table)
+        self.drivers: dict[str, Driver] = {}
+        self.event_listeners: list[Callable[[AlarmEvent], None]] = []
+        self._pending: list[ReadingBatch] = []
+        self._pending_count = 0
+        self._pending_since = 0.0
+        self.readings_in = 0
+        self.events_out = 0
+
+    # --- decode → alarms → store -----------------------------------------------------------------
+
+    def ingest(self, batch: ReadingBatch) -> None:
+        events = self.alarms.evaluate(batch)
+        quality = self.quality
+        for index, q in zip(batch.indices, batch.qualities, strict=True):
+            quality[index] = q
+        self.readings_in += len(batch)
+        if events:
+            self.store_events(events)
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(batch)
+        self._pending_count += len(batch)
+        if self._pending_count >= self.max_readings:
+            self.flush()
+
+    def store_events(self, events: list[AlarmEvent]) -> None:
+        with self.store.transaction():
+            for event in events:
+                self.store.append(KIND_ALARM, 1, alarm_body(self.identity, event), created=event.ts)
+        self.events_out += len(events)
+        for event in events:
+            log.log(logging.WARNING if event.state == "raised" else logging.INFO,
+                    "alarm %s %s: value %s, limit %s %s", event.id, event.state, event.value, event.limit, event.unit)
+            for listener in self.event_listeners:
+                listener(event)
+        self.on_stored()
+
+    def flush(self) -> None:
+        """Store every pending reading as `data` messages of at most max_readings each, in one commit."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_count = self._pending, [], 0
+        points = self.table.points
+        messages: list[tuple[bytes, int]] = []
+        chunk: list[ReadingBatch] = []
+        size = 0
+        for batch in pending:
+            start = 0
+            while start < len(batch):
+                take = min(len(batch) - start, self.max_readings - size)
+                part = batch if start == 0 and take == len(batch) else _slice(batch, start, start + take)
+                chunk.append(part)
+                size += take
+                start += take
+                if size == self.max_readings:
+                    messages.append(data_body(self.identity, points, chunk))
+                    chunk, size = [], 0
+        if chunk:
+            messages.append(data_body(self.identity, points, chunk))
+        with self.store.transaction():
+            for body, count in messages:
+                self.store.append(KIND_DATA, count, body)
+        self.on_stored()
+
+    async def flush_loop(self) -> None:
+        """Store a partial batch once its oldest reading has waited max_delay."""
+        tick = max(0.05, min(self.max_delay / 4, 0.25))
+        while True:
+            await asyncio.sleep(tick)
+            if self._pending and time.monotonic() - self._pending_since >= self.max_delay:
+                self.flush()
+
+    # --- channels --------------------------------------------------------------------------------
+
+    def slots_of(self, channel: ChannelBase) -> list[DeviceSlot]:
+        return [s for s in self.table.devices if s.channel is channel]
+
+    async def run_channel(self, channel: ChannelBase) -> None:
+        """Poll the devices of one channel in turn, one transaction at a time, until cancelled."""
+        driver = registry.get(channel.driver).factory(channel)
+        self.drivers[channel.id] = driver
+        slots = self.slots_of(channel)
+        loop = asyncio.get_running_loop()
+        due = {id(s): loop.time() for s in slots}
+        retry_at = {id(s): 0.0 for s in slots}
+        try:
+            while True:
+                slot = min(slots, key=lambda s: due[id(s)])
+                delay = due[id(slot)] - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                ts = int(time.time() * 1000)
+                now = loop.time()
+                if slot.failures and now < retry_at[id(slot)]:
+                    self.ingest(bad_batch(slot.indices, ts))
+                else:
+                    read = await self._read(driver, slot)
+                    if read is None:
+                        self.ingest(bad_batch(slot.indices, ts))
+                        failed = True
+                    else:
+                        self.ingest(decode(self.table.points, slot.indices, read, ts))
+                        failed = all(v is None for v in read.values)
+                    self._device_outcome(slot, read, failed)
+                    if failed:
+                        backoff = min(slot.device.interval * 2 ** (slot.failures - 1), slot.device.backoff_max)
+                        retry_at[id(slot)] = loop.time() + backoff
+                interval = slot.device.interval
+                nxt = due[id(slot)] + interval
+                # a poll that overran skips the missed slots instead of bursting to catch up
+                due[id(slot)] = nxt if nxt > loop.time() else loop.time() + interval
+        finally:
+            await driver.close()
+
+    async def _read(self, driver: Driver, slot: DeviceSlot) -> DeviceRead | None:
+        try:
+            return await driver.read(slot.device)
+        except (OSError, TimeoutError, EOFError) as exc:
+            slot.last_error = str(exc) or type(exc).__name__
+        except Exception as exc:  # a driver bug must cost this poll, not the channel
+            log.exception("channel %s device %s: driver failed", slot.channel.id, slot.device.id)
+            slot.last_error = f"driver error: {exc!r}"
+        return None
+
+    def _device_outcome(self, slot: DeviceSlot, read: DeviceRead | None, failed: bool) -> None:
+        where = f"channel {slot.channel.id} device {slot.device.id}"
+        if read is not None and read.errors:
+            slot.last_error = "; ".join(read.errors)
+        if failed:
+            slot.failures += 1
+            if slot.state != "failing":
+                log.warning("%s: not answering: %s", where, slot.last_error)
+            slot.state = "failing"
+            return
+        if slot.state == "failing":
+            log.info("%s: answering again", where)
+        if read is not None and read.errors:
+            if slot.state != "partial":
+                log.warning("%s: some points unreadable: %s", where, slot.last_error)
+            slot.state = "partial"
+        else:
+            slot.state = "ok"
+            slot.last_error = None
+        slot.failures = 0
+
+    # --- health ----------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        channels = []
+        for channel in self.config.channels:
+            driver = self.drivers.get(channel.id)
+            channels.append({
+                "id": channel.id,
+                "link": "up" if driver is not None and driver.connected else "down",
+                "devices": [
+                    {"id": s.device.id, "state": "ok" if s.state == "ok" else "failing", "last_error": s.last_error}
+                    for s in self.slots_of(channel)
+                ],
+            })
+        q = self.quality
+        return {
+            "channels": channels,
+            "points": {"good": q.count(GOOD), "uncertain": q.count(UNCERTAIN),
+                       "bad": q.count(BAD) + q.count(_UNKNOWN)},
+        }
+
+
+def _slice(batch: ReadingBatch, start: int, end: int) -> ReadingBatch:
+    return ReadingBatch(batch.ts, batch.indices[start:end], batch.values[start:end], batch.qualities[start:end])

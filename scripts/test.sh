@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Command 2 of the README (and CI): set up, lint, type-check and run every test against a real mosquitto.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+
+if ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]]; then
+    if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+        echo "test: installing mosquitto (the tests run a real broker)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+    else
+        echo "test: mosquitto is missing; install it (sudo apt-get install mosquitto) and run again" >&2
+        exit 1
+    fi
+fi
+export PATH="$PATH:/usr/sbin"
+
+echo "== ruff"
+.venv/bin/ruff check agent simulators bench tests
+echo "== mypy --strict agent"
+.venv/bin/mypy --strict agent
+echo "== pytest"
+.venv/bin/python -m pytest -q "$@"

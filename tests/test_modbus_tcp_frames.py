@@ -1,0 +1,189 @@
+"""The Modbus TCP driver facing a misbehaving server: every bad frame is an error for that block, never a
+crash, and the next poll works again. The server is a real TCP listener that answers with scripted bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from agent.drivers.modbus_tcp import ModbusTcpChannel, ModbusTcpDriver
+
+Reply = Callable[[int, int, bytes], Awaitable[bytes | None]]
+
+
+async def serve(reply: Reply) -> tuple[asyncio.Server, int]:
+    """A TCP server that reads MBAP requests and writes whatever `reply(tid, unit, pdu)` returns."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readexactly(7)
+                tid, _, length, unit = struct.unpack(">HHHB", head)
+                pdu = await reader.readexactly(length - 1)
+                out = await reply(tid, unit, pdu)
+                if out is not None:
+                    writer.write(out)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def mbap(tid: int, unit: int, pdu: bytes, proto: int = 0) -> bytes:
+    return struct.pack(">HHHB", tid, proto, len(pdu) + 1, unit) + pdu
+
+
+def good_reply(tid: int, unit: int, pdu: bytes) -> bytes:
+    _, start, count = struct.unpack(">BHH", pdu)
+    data = b"".join(struct.pack(">H", start + i) for i in range(count))
+    return mbap(tid, unit, bytes([3, len(data)]) + data)
+
+
+def channel(port: int) -> ModbusTcpChannel:
+    return ModbusTcpChannel.model_validate({
+        "id": "c1", "driver": "modbus_tcp", "host": "127.0.0.1", "port": port,
+        "devices": [{"id": "d1", "unit": 7, "timeout": 0.3, "retries": 0,
+                     "points": [{"id": "p0", "address": 10}, {"id": "p1", "address": 11}]}],
+    })
+
+
+def run_two_polls(bad: Callable[[int, int, bytes], bytes | None]) -> tuple[list[object], list[str], list[object]]:
+    """First request gets `bad(...)`, later ones a good reply; returns (values1, errors1, values2)."""
+
+    async def main() -> tuple[list[object], list[str], list[object]]:
+        calls = 0
+
+        async def reply(tid: int, unit: int, pdu: bytes) -> bytes | None:
+            nonlocal calls
+            calls += 1
+            return bad(tid, unit, pdu) if calls == 1 else good_reply(tid, unit, pdu)
+
+        server, port = await serve(reply)
+        ch = channel(port)
+        driver = ModbusTcpDriver(ch)
+        try:
+            first = await driver.read(ch.devices[0])
+            second = await driver.read(ch.devices[0])
+        finally:
+            await driver.close()
+            server.close()
+        return first.values, first.errors, second.values
+
+    return asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("name", "bad", "expected"),
+    [
+        ("exception reply", lambda t, u, p: mbap(t, u, bytes([0x83, 2])), "exception 2 (illegal data address)"),
+        ("wrong byte count", lambda t, u, p: mbap(t, u, bytes([3, 3, 0, 1, 2])), "data bytes"),
+        ("wrong function", lambda t, u, p: mbap(t, u, bytes([4, 4, 0, 1, 0, 2])), "reply to function 4"),
+        ("wrong unit", lambda t, u, p: good_reply(t, u + 1, p), "reply from unit 8"),
+        ("bad protocol id", lambda t, u, p: mbap(t, u, bytes([3, 4, 0, 1, 0, 2]), proto=9), "bad MBAP header"),
+        ("silence", lambda t, u, p: None, "no reply within 0.3s"),
+        ("truncated then closed", lambda t, u, p: mbap(t, u, bytes([3, 4, 0, 1, 0, 2]))[:9], "connection closed"),
+    ],
+)
+def test_bad_reply_is_an_error_and_the_next_poll_recovers(
+    name: str, bad: Callable[[int, int, bytes], bytes | None], expected: str
+) -> None:
+    if name == "truncated then closed":
+        values, errors, after = run_two_polls_closing(bad)
+    else:
+        values, errors, after = run_two_polls(bad)
+    assert values == [None, None], name
+    assert errors and expected in errors[0], errors
+    assert after == [10, 11], name
+
+
+def run_two_polls_closing(bad: Callable[[int, int, bytes], bytes | None]) -> tuple[list[object], list[str], list[object]]:
+    async def main() -> tuple[list[object], list[str], list[object]]:
+        calls = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal calls
+            try:
+                while True:
+                    head = await reader.readexactly(7)
+                    tid, _, length, unit = struct.unpack(">HHHB", head)
+                    pdu = await reader.readexactly(length - 1)
+                    calls += 1
+                    if calls == 1:
+                        writer.write(bad(tid, unit, pdu) or b"")
+                        await writer.drain()
+                        break  # the half-sent frame ends with the connection
+                    writer.write(good_reply(tid, unit, pdu))
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        ch = channel(server.sockets[0].getsockname()[1])
+        driver = ModbusTcpDriver(ch)
+        try:
+            first = await driver.read(ch.devices[0])
+            second = await driver.read(ch.devices[0])
+        finally:
+            await driver.close()
+            server.close()
+        return first.values, first.errors, second.values
+
+    return asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+def test_late_reply_to_an_abandoned_request_is_not_taken_for_the_next_answer() -> None:
+    async def main() -> tuple[list[str], list[object]]:
+        calls = 0
+
+        async def reply(tid: int, unit: int, pdu: bytes) -> bytes | None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await asyncio.sleep(0.5)  # after the client gave up
+                return mbap(tid, unit, bytes([3, 4, 0xDE, 0xAD, 0xBE, 0xEF]))
+            return good_reply(tid, unit, pdu)
+
+        server, port = await serve(reply)
+        ch = channel(port)
+        driver = ModbusTcpDriver(ch)
+        try:
+            first = await driver.read(ch.devices[0])
+            await asyncio.sleep(0.4)
+            second = await driver.read(ch.devices[0])
+        finally:
+            await driver.close()
+            server.close()
+        return first.errors, second.values
+
+    errors, values = asyncio.run(main())
+    assert "no reply" in errors[0]
+    assert values == [10, 11]
+
+
+@pytest.mark.timeout(20)
+def test_refused_connection_gives_bad_values_with_the_reason() -> None:
+    async def main() -> list[str]:
+        server, port = await serve(lambda t, u, p: asyncio.sleep(0, good_reply(t, u, p)))
+        server.close()
+        await server.wait_closed()
+        ch = channel(port)
+        driver = ModbusTcpDriver(ch)
+        result = await driver.read(ch.devices[0])
+        await driver.close()
+        assert result.values == [None, None]
+        return result.errors
+
+    errors = asyncio.run(main())
+    assert "Connect call failed" in errors[0] or "refused" in errors[0].lower()
