@@ -1,16 +1,6 @@
 """A small MQTT 3.1.1/5.0 broker on asyncio, so `edge-agent demo` and the tests run with nothing but Python.
 
-For demos and tests only, never production: it keeps nothing on disk, has no TLS, and accepts any user name
-and password.
-
-Choices worth knowing:
-- Sessions are always clean: session-present is 0 and nothing survives a disconnect.
-- QoS 2 publishes are accepted with their PUBREC/PUBREL/PUBCOMP handshake (each packet id is routed once);
-  subscriptions are granted at most QoS 1, so nothing is delivered at QoS 2.
-- MQTT 5: properties are parsed and checked; PUBLISH properties are forwarded to v5 subscribers. Not
-  supported, and said so in CONNACK: shared subscriptions, subscription identifiers, topic aliases, enhanced
-  authentication. Will Delay and Message Expiry are ignored (wills are published at once).
-- A subscriber more than `max_queued_bytes` behind is disconnected, so memory stays bounded.
+For demos and tests only, never production: it keeps nothing on disk, has no TLS, and accepts any user and password.
 """
 
 from __future__ import annotations
@@ -39,6 +29,7 @@ RC_NO_SUBSCRIPTION_EXISTED = 0x11
 RC_MALFORMED = 0x81
 RC_PROTOCOL_ERROR = 0x82
 RC_UNSUPPORTED_VERSION = 0x84
+RC_CLIENT_ID_NOT_VALID = 0x85
 RC_BAD_AUTH_METHOD = 0x8C
 RC_SERVER_SHUTTING_DOWN = 0x8B
 RC_KEEPALIVE_TIMEOUT = 0x8D
@@ -53,8 +44,8 @@ RC_SHARED_SUBSCRIPTIONS_UNSUPPORTED = 0x9E
 RC_SUBSCRIPTION_IDS_UNSUPPORTED = 0xA1
 
 # MQTT 5 property identifiers used here.
-P_PAYLOAD_FORMAT, P_MESSAGE_EXPIRY, P_SUBSCRIPTION_ID, P_SESSION_EXPIRY = 0x01, 0x02, 0x0B, 0x11
-P_ASSIGNED_CLIENT_ID, P_AUTH_METHOD, P_WILL_DELAY, P_RECEIVE_MAXIMUM = 0x12, 0x15, 0x18, 0x21
+P_SUBSCRIPTION_ID, P_SESSION_EXPIRY, P_ASSIGNED_CLIENT_ID, P_AUTH_METHOD = 0x0B, 0x11, 0x12, 0x15
+P_WILL_DELAY, P_RECEIVE_MAXIMUM = 0x18, 0x21
 P_TOPIC_ALIAS, P_USER_PROPERTY, P_MAXIMUM_PACKET_SIZE = 0x23, 0x26, 0x27
 P_SUBSCRIPTION_IDS_AVAILABLE, P_SHARED_SUBSCRIPTIONS_AVAILABLE = 0x29, 0x2A
 
@@ -260,7 +251,8 @@ class _Connection:
         self.reader = reader
         self.transport = writer.transport
         self.task: asyncio.Task[None] | None = None
-        self.peer = str(writer.get_extra_info("peername"))
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.client_id = ""
         self.version = 4
         self.connected = False
@@ -398,7 +390,7 @@ class _Connection:
         connack_props = bytearray()
         if not client_id:
             if self.version == 4 and not connect_flags & 0x02:
-                self._refuse(0x02, "empty client id needs a clean session")
+                self._refuse(RC_CLIENT_ID_NOT_VALID, "empty client id needs a clean session")
             client_id = f"auto-{secrets.token_hex(8)}"
             connack_props += bytes((P_ASSIGNED_CLIENT_ID,)) + _string(client_id)
         self.client_id = client_id
@@ -420,11 +412,10 @@ class _Connection:
         log.debug("%s connected (MQTT %s, keepalive %ss)", self, "5.0" if self.version == 5 else "3.1.1", keepalive)
 
     def _refuse(self, reason: int, message: str) -> None:
-        v311_codes = {0x02: 0x02, RC_BAD_AUTH_METHOD: 0x05}  # identifier rejected; not authorized
         if self.version == 5:
             self.send(_packet(0x20, bytes((0, reason)), b"\x00"))
-        else:
-            self.send(_packet(0x20, bytes((0, v311_codes.get(reason, 0x02)))))
+        else:  # 3.1.1 return codes: 0x02 identifier rejected, 0x05 not authorized
+            self.send(_packet(0x20, bytes((0, 0x02 if reason == RC_CLIENT_ID_NOT_VALID else 0x05))))
         raise _ProtocolViolation(message, reason)
 
     def _on_publish(self, flags: int, body: bytes) -> None:
@@ -621,6 +612,16 @@ class EmbeddedBroker:
 
     `port=0` binds a free port; read the bound one from `port` after start. Bind one address (not a name
     that resolves to several), since `port` reports the first socket's port.
+
+    Choices worth knowing:
+    - Sessions are always clean: session-present is 0 and nothing survives a disconnect.
+    - QoS 2 publishes are accepted with their PUBREC/PUBREL/PUBCOMP handshake (each packet id is routed
+      once), but subscriptions are granted at most QoS 1, so nothing is delivered at QoS 2.
+    - MQTT 5: properties are parsed and checked, and PUBLISH properties are forwarded to MQTT 5 subscribers.
+      Not supported, and said so in CONNACK or SUBACK: shared subscriptions, subscription identifiers, topic
+      aliases, enhanced authentication. Will Delay and Message Expiry are ignored (wills go out at once).
+    - A subscriber more than `max_queued_bytes` behind is disconnected (its will is published), so memory
+      stays bounded; publishers never wait for subscribers.
     """
 
     def __init__(

@@ -95,7 +95,8 @@ def config_schema_cmd() -> None:
 @click.option("--duration", type=click.FloatRange(min=5), default=None,
               help="Stop by itself after this many seconds (default: run until Ctrl-C).")
 @click.option("--broker", default=None, metavar="HOST:PORT",
-              help="Use this MQTT broker (default: start mosquitto if installed, else an embedded one).")
+              help="Use this MQTT broker; `embedded` starts the built-in one (default: mosquitto if installed, "
+              "else the built-in one).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Site to simulate (default: config/example.yaml shipped with the agent).")
 def demo(duration: float | None, broker: str | None, config_path: Path | None) -> None:

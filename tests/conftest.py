@@ -44,9 +44,12 @@ class Mosquitto:
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = workdir / f"mosquitto-{self.port}.conf"
+        # persistence keeps the platform's session (its subscription and queued messages) over a restart
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_inflight_messages 0\nmax_queued_messages 100000\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"persistence true\npersistence_location {workdir}/\npersistence_file mosquitto-{self.port}.db\n"
+            "max_inflight_messages 0\nmax_queued_messages 200000\n"
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
 
     def start(self) -> Mosquitto:
@@ -133,3 +136,58 @@ def agent_process(tmp_path: Path) -> Iterator[Any]:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.proc.kill()
             proc.proc.wait(5)
+
+
+class PlantThread:
+    """The Modbus plant simulator on its own event loop in a thread, so the test body stays synchronous."""
+
+    def __init__(self, config: Any, ports: dict[str, int] | None = None) -> None:
+        import asyncio
+        import threading
+
+        from simulators.modbus import PlantSimulator
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="plant")
+        self.sim = PlantSimulator(config, ports=ports if ports is not None else {c.id: 0 for c in config.channels})
+
+    def _run(self, coro: Any, timeout: float = 20) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        async def invoke() -> Any:
+            return fn(*args)
+
+        return self._run(invoke())
+
+    def start(self) -> PlantThread:
+        self.thread.start()
+        self._run(self.sim.start())
+        return self
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return dict(self.sim.ports)
+
+    def stop(self) -> None:
+        try:
+            self._run(self.sim.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+@pytest.fixture
+def plant() -> Iterator[Any]:
+    started: list[PlantThread] = []
+
+    def make(config: Any, ports: dict[str, int] | None = None) -> PlantThread:
+        thread = PlantThread(config, ports).start()
+        started.append(thread)
+        return thread
+
+    yield make
+    for thread in started:
+        thread.stop()

@@ -105,7 +105,9 @@ def test_bad_reply_is_an_error_and_the_next_poll_recovers(
     assert after == [10, 11], name
 
 
-def run_two_polls_closing(bad: Callable[[int, int, bytes], bytes | None]) -> tuple[list[object], list[str], list[object]]:
+def run_two_polls_closing(
+    bad: Callable[[int, int, bytes], bytes | None],
+) -> tuple[list[object], list[str], list[object]]:
     async def main() -> tuple[list[object], list[str], list[object]]:
         calls = 0
 

@@ -107,7 +107,8 @@ class ModbusTcpDriver:
             raise TimeoutError(f"no reply within {timeout:g}s") from None
         except asyncio.IncompleteReadError as exc:
             await self.close()
-            raise ConnectionError(f"connection closed by the server ({len(exc.partial)} bytes of a reply read)") from None
+            read = len(exc.partial)
+            raise ConnectionError(f"connection closed by the server ({read} bytes of a reply read)") from None
         except (OSError, EOFError, FrameError):
             await self.close()
             raise

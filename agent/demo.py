@@ -1,0 +1,256 @@
+"""`edge-agent demo`: a whole site on one machine — the plant simulator, a broker, the agent as its own process
+and the platform simulator — with live readings and alarms on screen and a delivery summary at the end.
+
+It never touches a real device or a remote host: everything listens on 127.0.0.1, in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from agent.buffer.store import Store
+from agent.config import ConfigError, load_config
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE.parent / "config" / "example.yaml"
+# the longest scenario (tank overfill) at speed 1, in seconds
+LONGEST_SCENARIO = 95.0
+
+
+class DemoError(Exception):
+    """The demo could not be set up (no broker, a busy port, a bad site file)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise DemoError(f"nothing listens on {host}:{port} after {timeout:g}s") from None
+            await asyncio.sleep(0.1)
+
+
+class _Screen:
+    """Live view: alarms as they arrive, a table of the latest values every few seconds."""
+
+    def __init__(self, console: Console, units: dict[str, str]) -> None:
+        self.console = console
+        self.units = units
+        self.latest: dict[str, tuple[Any, str, bool]] = {}
+        self.lock = threading.Lock()
+        self.messages = 0
+
+    def on_message(self, topic: str, message: dict[str, Any]) -> None:
+        leaf = topic.rsplit("/", 1)[-1]
+        with self.lock:
+            self.messages += 1
+            if leaf == "data":
+                for r in message["readings"]:
+                    self.latest[r["point"]] = (r["value"], r["quality"], bool(message["hist"]))
+            elif leaf == "alarm":
+                style = "bold red" if message["state"] == "raised" else "green"
+                limit = "" if message["limit"] is None else f" (limit {message['limit']:g})"
+                value = "—" if message["value"] is None else f"{message['value']}"
+                self.console.print(
+                    f"[{style}]ALARM {message['state']:>7}[/] {message['id']:<22} level {message['level']}  "
+                    f"value {value} {message['unit']}{limit}  seq {message['seq']}"
+                )
+            elif leaf == "status":
+                self.console.print(f"[cyan]status[/] online={message.get('online')}")
+
+    def table(self) -> Table:
+        table = Table(title="latest readings at the platform", show_lines=False)
+        for column in ("point", "value", "unit", "quality"):
+            table.add_column(column)
+        with self.lock:
+            for point in sorted(self.latest):
+                value, quality, _ = self.latest[point]
+                shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+                style = {"good": "green", "uncertain": "yellow", "bad": "red"}.get(quality, "")
+                table.add_row(point, shown, self.units.get(point, ""), f"[{style}]{quality}[/]")
+        return table
+
+
+def run_demo(*, duration: float | None, broker: str | None, config_path: Path | None) -> bool:
+    """Run the demo; True when the platform received every message the agent stored."""
+    return asyncio.run(_demo(duration, broker, config_path or DEFAULT_CONFIG))
+
+
+async def _demo(duration: float | None, broker_arg: str | None, config_path: Path) -> bool:
+    from simulators.modbus import PlantSimulator
+    from simulators.platform import PlatformSimulator, PlatformSimulatorError
+
+    console = Console(highlight=False)
+    try:
+        site = load_config(config_path)
+    except ConfigError as exc:
+        raise DemoError(f"{exc.source}: " + "; ".join(exc.errors)) from None
+    workdir = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
+    children: list[asyncio.subprocess.Process] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    # 1. the broker
+    if broker_arg and broker_arg != "embedded":
+        host, _, port_text = broker_arg.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise DemoError(f"--broker must be HOST:PORT, got {broker_arg!r}")
+        broker_host, broker_port, broker_name = host, int(port_text), f"broker {broker_arg}"
+    else:
+        broker_host, broker_port = "127.0.0.1", _free_port()
+        mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        log = open(workdir / "broker.log", "wb")  # noqa: SIM115
+        if mosquitto and broker_arg != "embedded":
+            conf = workdir / "mosquitto.conf"
+            conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+            cmd = [mosquitto, "-c", str(conf)]
+            broker_name = "mosquitto"
+        else:
+            cmd = [sys.executable, "-m", "agent.broker", "--host", "127.0.0.1", "--port", str(broker_port)]
+            broker_name = "the embedded broker" + ("" if broker_arg else " (mosquitto is not installed)")
+        children.append(await asyncio.create_subprocess_exec(*cmd, stdout=log, stderr=log))
+    await _wait_port(broker_host, broker_port, 10)
+    console.print(f"[bold]broker[/]: {broker_name} on {broker_host}:{broker_port}")
+
+    # 2. the plant
+    speed = 1.0 if duration is None else max(1.0, LONGEST_SCENARIO / (0.6 * duration))
+    plant = PlantSimulator(site, ports={c.id: 0 for c in site.channels}, speed=speed)
+    await plant.start()
+    for channel_id, port in plant.ports.items():
+        console.print(f"[bold]plant[/]: channel {channel_id} (Modbus TCP) on 127.0.0.1:{port}")
+
+    # 3. the agent, as the daemon runs it
+    data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    data["uplink"] = {**data.get("uplink", {}), "host": broker_host, "port": broker_port, "health_interval": 10,
+                      "tls": None, "username": None, "password": None}
+    data["store"] = {"path": str(workdir / "store.db"), "shutdown_drain": 5}
+    for channel in data["channels"]:
+        if channel["id"] in plant.ports:
+            channel["host"], channel["port"] = "127.0.0.1", plant.ports[channel["id"]]
+    agent_config = workdir / "agent.yaml"
+    agent_config.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    prefix = data["uplink"].get("prefix", "edge")
+
+    units = {p.id: p.unit for _, _, p in site.points()}
+    screen = _Screen(console, units)
+    platform = PlatformSimulator(broker_host, broker_port, prefix, on_message=screen.on_message)
+    try:
+        await asyncio.to_thread(platform.start)
+    except PlatformSimulatorError as exc:
+        raise DemoError(f"platform simulator: {exc}") from None
+    agent_log = open(workdir / "agent.log", "wb")  # noqa: SIM115
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "run", "--config", str(agent_config),
+        stdout=agent_log, stderr=agent_log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    console.print(f"[bold]agent[/]: pid {agent.pid}, log {workdir / 'agent.log'}")
+    scenarios = [plant.start_scenario(name, loop=True) for name in plant.scenarios()]
+    console.print(f"[bold]scenarios[/]: {', '.join(plant.scenarios())} (speed ×{speed:.1f}); "
+                  + (f"stopping after {duration:g}s" if duration else "Ctrl-C to stop"))
+
+    started = time.monotonic()
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 10.0 if duration is None or duration > 30 else 5.0)
+            if agent.returncode is not None:
+                console.print(f"[red]the agent exited with code {agent.returncode}[/]; see {workdir / 'agent.log'}")
+                break
+            console.print(screen.table())
+            if duration is not None and time.monotonic() - started >= duration:
+                break
+    finally:
+        for task in scenarios:
+            task.cancel()
+        if agent.returncode is None:
+            agent.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(agent.wait(), 30)
+        except TimeoutError:
+            agent.kill()
+            await agent.wait()
+        await asyncio.sleep(1.0)  # the last acknowledged messages reach the platform
+        await asyncio.to_thread(platform.stop)
+        await plant.stop()
+        for child in children:
+            if child.returncode is None:
+                child.terminate()
+                await child.wait()
+    return _summary(console, platform, workdir, agent.returncode)
+
+
+def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | None) -> bool:
+    report = platform.report()
+    with Store(workdir / "store.db") as store:
+        last_seq = store.last_seq()
+        stored = {row.seq for row in store.fetch(0, limit=10_000_000)}
+    received: set[int] = set()
+    table = Table(title="demo summary")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    readings = raised = cleared = duplicates = hist = 0
+    for agent in report.agents.values():
+        readings += agent.readings
+        raised += agent.alarms_raised
+        cleared += agent.alarms_cleared
+        duplicates += agent.duplicates
+        hist += agent.hist_messages
+        if agent.seq_min is not None:
+            received |= set(range(agent.seq_min, agent.seq_max + 1)) - set(agent.gaps)
+    lost = sorted(set(range(1, last_seq + 1)) - received - stored)
+    rows = [
+        ("messages stored by the agent (seq)", last_seq),
+        ("readings received by the platform", readings),
+        ("alarms raised", raised),
+        ("alarms cleared", cleared),
+        ("messages replayed (hist)", hist),
+        ("duplicates (dropped by seq)", duplicates),
+        ("still in the agent's store", len(stored)),
+        ("seq gaps (lost)", len(lost)),
+        ("schema errors", len(platform.schema_errors())),
+    ]
+    for what, count in rows:
+        table.add_row(what, str(count))
+    console.print(table)
+    ok = not lost and agent_rc == 0 and last_seq > 0 and not platform.schema_errors()
+    if ok:
+        console.print(f"[bold green]nothing lost[/] (files in {workdir})")
+    else:
+        why = []
+        if lost:
+            why.append(f"missing seq {lost[:10]}")
+        if agent_rc != 0:
+            why.append(f"agent exit code {agent_rc}")
+        if last_seq == 0:
+            why.append("the agent stored nothing")
+        if platform.schema_errors():
+            why.append(f"schema errors, e.g. {platform.schema_errors()[0]}")
+        console.print(f"[bold red]FAILED[/]: {'; '.join(why)} (files in {workdir})")
+    return ok
