@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from agent import yaml_stream
 from agent.schema import ChannelBase, DeviceBase, Duration, Identifier, Model, PointBase
 
 
@@ -215,7 +216,7 @@ def load_config(path: Path | str) -> AgentConfig:
 def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> AgentConfig:
     """Validate YAML text; relative store paths are resolved against base_dir."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml_stream.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

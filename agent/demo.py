@@ -125,7 +125,8 @@ async def _demo(duration: float | None, broker_arg: str | None, config_path: Pat
         broker_host, broker_port, broker_name = host, int(port_text), f"broker {broker_arg}"
     else:
         broker_host, broker_port = "127.0.0.1", _free_port()
-        mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        mosquitto = shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None)
         log = open(workdir / "broker.log", "wb")  # noqa: SIM115
         if mosquitto and broker_arg != "embedded":
             conf = workdir / "mosquitto.conf"

@@ -1,0 +1,1 @@
+"""Benchmark harness (`python -m bench`); not part of the test suite."""
