@@ -65,7 +65,8 @@ class Pipeline:
             self.flush()
 
     def store_events(self, events: list[AlarmEvent]) -> None:
-        with self.store.transaction():
+        # alarm events are rare and must survive a power cut: their commit syncs the log
+        with self.store.transaction(durable=True):
             for event in events:
                 self.store.append(KIND_ALARM, 1, alarm_body(self.identity, event), created=event.ts)
         self.events_out += len(events)

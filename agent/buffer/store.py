@@ -82,11 +82,13 @@ class Store:
     # --- writing -----------------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Group several appends into one commit (one disk sync point)."""
+    def transaction(self, *, durable: bool = False) -> Iterator[None]:
+        """Group several appends into one commit; `durable` syncs the log to disk at the commit (power loss)."""
         if self._in_tx:
             yield
             return
+        if durable:
+            self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("BEGIN")
         self._in_tx = True
         try:
@@ -98,6 +100,8 @@ class Store:
             self.db.execute("COMMIT")
         finally:
             self._in_tx = False
+            if durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
 
     def append(self, kind: int, count: int, body: bytes, created: int | None = None) -> int:
         """Write one message and return its seq; durable once the enclosing transaction commits."""
