@@ -46,6 +46,8 @@ class _Session:
         # our own window is the bound; a little room on top for status and health messages
         self.client.max_inflight_messages_set(cfg.inflight + 8)
         self.client.max_queued_messages_set(0)
+        # connect() blocks an executor thread; a stop waits for it, so it must give up in bounded time
+        self.client.connect_timeout = cfg.connect_timeout
         if cfg.username is not None:
             self.client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:

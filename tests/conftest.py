@@ -39,17 +39,19 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A mosquitto process on a fixed port, which a test may stop and start again."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, listeners: str = "") -> None:
+        """`listeners` adds configuration text (more listeners, TLS, passwords) after the plain one."""
         self.port = port or free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = workdir / f"mosquitto-{self.port}.conf"
         # persistence keeps the platform's session (its subscription and queued messages) over a restart
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"per_listener_settings true\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {workdir}/\npersistence_file mosquitto-{self.port}.db\n"
             "max_inflight_messages 0\nmax_queued_messages 200000\n"
             + ("user root\n" if os.geteuid() == 0 else "")
+            + listeners
         )
 
     def start(self) -> Mosquitto:
