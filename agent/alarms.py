@@ -96,9 +96,8 @@ class AlarmEngine:
     def evaluate(self, batch: ReadingBatch) -> list[AlarmEvent]:
         events: list[AlarmEvent] = []
         points = self.table.points
-        ts = batch.ts
         rules_of = self._rules
-        for index, value, quality in zip(batch.indices, batch.values, batch.qualities, strict=True):
+        for index, value, quality, ts in zip(batch.indices, batch.values, batch.qualities, batch.times(), strict=True):
             if quality == BAD:
                 self._bad(index, ts, events)
                 continue

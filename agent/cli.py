@@ -110,5 +110,13 @@ def demo(duration: float | None, broker: str | None, config_path: Path | None) -
     sys.exit(0 if ok else 1)
 
 
+def _add_probe() -> None:
+    from agent.probe import probe
+
+    main.add_command(probe)
+
+
+_add_probe()
+
 if __name__ == "__main__":
     main()

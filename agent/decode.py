@@ -16,33 +16,52 @@ QUALITY_NAMES = ("good", "uncertain", "bad")
 
 
 class ReadingBatch:
-    """The readings of one device poll: parallel lists, one sample time."""
+    """The readings of one device poll: parallel lists and one sample time, or one per reading in `stamps`."""
 
-    __slots__ = ("indices", "qualities", "ts", "values")
+    __slots__ = ("indices", "qualities", "stamps", "ts", "values")
 
-    def __init__(self, ts: int, indices: list[int], values: list[Any], qualities: list[int]) -> None:
+    def __init__(
+        self, ts: int, indices: list[int], values: list[Any], qualities: list[int], stamps: list[int] | None = None
+    ) -> None:
         self.ts = ts
         self.indices = indices
         self.values = values
         self.qualities = qualities
+        self.stamps = stamps
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def times(self) -> list[int]:
+        """The sample time of each reading."""
+        return self.stamps if self.stamps is not None else [self.ts] * len(self.indices)
+
+    def slice(self, start: int, end: int) -> ReadingBatch:
+        stamps = self.stamps[start:end] if self.stamps is not None else None
+        return ReadingBatch(self.ts, self.indices[start:end], self.values[start:end], self.qualities[start:end], stamps)
+
 
 def decode(points: list[PointInfo], indices: list[int], read: DeviceRead, ts: int) -> ReadingBatch:
     """Apply scale/offset and the measuring range; `indices` are the device's points in driver order."""
+    if read.positions is not None:
+        indices = [indices[p] for p in read.positions]
+    device_q = read.qualities
     values: list[Any] = []
     qualities: list[int] = []
-    for index, raw in zip(indices, read.values, strict=True):
+    for n, (index, raw) in enumerate(zip(indices, read.values, strict=True)):
         if raw is None:
+            values.append(None)
+            qualities.append(BAD)
+            continue
+        said = device_q[n] if device_q is not None else GOOD
+        if said == BAD:
             values.append(None)
             qualities.append(BAD)
             continue
         info = points[index]
         if info.is_bool or raw is True or raw is False:
             values.append(bool(raw))
-            qualities.append(GOOD)
+            qualities.append(said)
             continue
         value = raw * info.scale + info.offset if (info.scale != 1.0 or info.offset != 0.0) else raw
         if isinstance(value, float) and not math.isfinite(value):
@@ -50,11 +69,12 @@ def decode(points: list[PointInfo], indices: list[int], read: DeviceRead, ts: in
             qualities.append(BAD)
         elif info.lo <= value <= info.hi:
             values.append(value)
-            qualities.append(GOOD)
+            qualities.append(said)
         else:
             values.append(value)
             qualities.append(UNCERTAIN)
-    return ReadingBatch(ts, list(indices), values, qualities)
+    stamps = list(read.timestamps) if read.timestamps is not None else None
+    return ReadingBatch(ts, list(indices), values, qualities, stamps)
 
 
 def bad_batch(indices: list[int], ts: int) -> ReadingBatch:

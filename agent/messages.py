@@ -43,9 +43,12 @@ def data_body(identity: str, points: list[PointInfo], batches: list[ReadingBatch
     parts: list[str] = []
     append = parts.append
     for batch in batches:
+        stamps = [str(t) for t in batch.stamps] if batch.stamps is not None else None
         ts = str(batch.ts)
-        for index, value, quality in zip(batch.indices, batch.values, batch.qualities, strict=True):
+        for n, (index, value, quality) in enumerate(zip(batch.indices, batch.values, batch.qualities, strict=True)):
             info = points[index]
+            if stamps is not None:
+                ts = stamps[n]
             if value is None:
                 text = "null"
             elif value is True:

@@ -90,7 +90,7 @@ class Pipeline:
             start = 0
             while start < len(batch):
                 take = min(len(batch) - start, self.max_readings - size)
-                part = batch if start == 0 and take == len(batch) else _slice(batch, start, start + take)
+                part = batch if start == 0 and take == len(batch) else batch.slice(start, start + take)
                 chunk.append(part)
                 size += take
                 start += take
@@ -142,7 +142,7 @@ class Pipeline:
                         failed = True
                     else:
                         self.ingest(decode(self.table.points, slot.indices, read, ts))
-                        failed = all(v is None for v in read.values)
+                        failed = read.positions is None and all(v is None for v in read.values)
                     self._device_outcome(slot, read, failed)
                     if failed:
                         backoff = min(slot.device.interval * 2 ** (slot.failures - 1), slot.device.backoff_max)
@@ -206,6 +206,3 @@ class Pipeline:
                        "bad": q.count(BAD) + q.count(_UNKNOWN)},
         }
 
-
-def _slice(batch: ReadingBatch, start: int, end: int) -> ReadingBatch:
-    return ReadingBatch(batch.ts, batch.indices[start:end], batch.values[start:end], batch.qualities[start:end])

@@ -6,24 +6,40 @@ The pipeline and the config models look drivers up by name; they never import a 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.schema import ChannelBase, DeviceBase
 
-# Protocol modules loaded on first use; adding a protocol adds one name here and one file beside this.
-BUILTIN = ("modbus_tcp",)
-
 
 class DeviceRead:
-    """One poll of one device: a value per point (None where the point could not be read) and why."""
+    """One poll of one device.
 
-    __slots__ = ("errors", "values")
+    `values` has one entry per point of the device, in the device's order, or, when `positions` is given, one
+    per listed position (a driver that only has news for some points, e.g. OPC UA data changes). None means
+    the point could not be read. `timestamps` (ms since the epoch) are the device's own sample times where it
+    has them; `qualities` (agent.decode GOOD/UNCERTAIN/BAD) what the device says of each value. `errors` says
+    what went wrong, one line per failed request.
+    """
 
-    def __init__(self, values: list[Any], errors: list[str] | None = None) -> None:
+    __slots__ = ("errors", "positions", "qualities", "timestamps", "values")
+
+    def __init__(
+        self,
+        values: list[Any],
+        errors: list[str] | None = None,
+        *,
+        positions: list[int] | None = None,
+        timestamps: list[int] | None = None,
+        qualities: list[int] | None = None,
+    ) -> None:
         self.values = values
         self.errors = errors or []
+        self.positions = positions
+        self.timestamps = timestamps
+        self.qualities = qualities
 
 
 class Driver(Protocol):
@@ -59,16 +75,19 @@ def register(name: str, channel_model: type[ChannelBase], factory: Callable[[Any
 
 
 def _load() -> None:
+    """Import every module of this package once; a protocol module registers itself on import."""
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in BUILTIN:
-            importlib.import_module(f"agent.drivers.{module}")
+        package = importlib.import_module("agent.drivers")
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_") and info.name != "registry":
+                importlib.import_module(f"agent.drivers.{info.name}")
 
 
 def all_drivers() -> list[DriverInfo]:
     _load()
-    return list(_drivers.values())
+    return [_drivers[name] for name in sorted(_drivers)]
 
 
 def get(name: str) -> DriverInfo:
