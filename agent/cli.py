@@ -110,6 +110,41 @@ def demo(duration: float | None, broker: str | None, config_path: Path | None) -
     sys.exit(0 if ok else 1)
 
 
+@main.command()
+@click.argument("point")
+@click.option("--since", default="1h", show_default=True,
+              help="Start: a duration ago (30m, 2h, 7d), an ISO time, or epoch milliseconds.")
+@click.option("--until", default="now", show_default=True, help="End, in the same forms as --since.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("/etc/edge-agent/agent.yaml"), show_default=True,
+              help="Configuration whose store to read.")
+@click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Read this store file instead of the configuration's.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def history(point: str, since: str, until: str, config_path: Path, store_path: Path | None, as_json: bool) -> None:
+    """Print the readings of POINT kept on site (no daemon needed; safe beside a running agent)."""
+    from agent.history import HistoryError, as_dict, as_line, parse_time, read_history
+
+    try:
+        if store_path is None:
+            try:
+                store_path = load_config(config_path).store.path
+            except ConfigError as exc:
+                _print_config_errors(exc)
+                sys.exit(EXIT_BAD_INPUT)
+        start, end = parse_time(since), parse_time(until)
+        samples = read_history(store_path, point, start, end)
+    except HistoryError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps({"point": point, "since": start, "until": end,
+                               "readings": [as_dict(s) for s in samples]}))
+        return
+    for sample in samples:
+        click.echo(as_line(sample))
+    click.echo(f"{len(samples)} reading(s) of {point}", err=True)
+
+
 def _add_probe() -> None:
     from agent.probe import probe
 

@@ -65,7 +65,7 @@ class UplinkConfig(Model):
     connect_timeout: Duration = Field(10.0, gt=0, description="Longest wait for CONNACK.")
     health_interval: Duration = Field(60.0, ge=1, description="Period of `health` messages.")
     backlog_rate: int = Field(
-        20000,
+        50000,
         ge=100,
         description="Most readings per second replayed from the backlog (hist) beside live data.",
     )
@@ -79,9 +79,32 @@ class UplinkConfig(Model):
 
 
 class StoreConfig(Model):
+    """Where messages wait for the platform and readings are kept; every bound says what happens when full."""
+
     path: Path = Field(
         Path("/var/lib/edge-agent/store.db"),
         description="SQLite file of the store; relative paths are taken from the config file's folder.",
+    )
+    max_mb: float = Field(
+        20480, gt=0,
+        description="Disk cap of the store. When reached, the oldest delivered history is dropped first, then "
+        "the oldest undelivered telemetry (evicted: counted in `health`); alarm events never are.",
+    )
+    min_free_mb: float = Field(
+        512, ge=0, description="Free disk to leave on the store's file system; below it, dropping as for max_mb."
+    )
+    retention: Duration = Field(
+        30 * 86400.0, ge=3600,
+        description="How long readings and alarm events are kept on site (national rule: at least 30 days).",
+    )
+    sync_interval: Duration = Field(
+        1.0, gt=0, le=60,
+        description="Telemetry is synced to disk at least this often: a power loss costs at most this much of it. "
+        "Alarm events are synced as they are stored.",
+    )
+    archive_interval: Duration = Field(
+        60.0, ge=1, le=3600,
+        description="Readings are written to the history archive in chunks this long (longer: smaller on disk).",
     )
     shutdown_drain: Duration = Field(
         3.0, le=60, description="On a clean stop, how long to keep publishing what is stored before exit."

@@ -20,6 +20,7 @@ import psutil
 
 from agent import __version__
 from agent.buffer.store import Store
+from agent.buffer.upkeep import Upkeep, UpkeepConfig
 from agent.config import AgentConfig
 from agent.pipeline import Pipeline
 from agent.uplink import Uplink
@@ -44,6 +45,7 @@ class Agent:
         self.store = Store(config.store.path)
         self.pipeline: Pipeline | None = None
         self.uplink: Uplink | None = None
+        self.upkeep: Upkeep | None = None
         self.started = time.time()
         self._stop = asyncio.Event()
         self._process = psutil.Process()
@@ -53,9 +55,10 @@ class Agent:
         self._stop.set()
 
     def health(self) -> dict[str, Any]:
-        assert self.pipeline is not None
+        assert self.pipeline is not None and self.upkeep is not None
         backlog = self.store.backlog()
         oldest = None if backlog.oldest_created is None else max(0.0, time.time() - backlog.oldest_created / 1000)
+        history, history_oldest = self.store.archive_stats()
         try:
             disk_free = shutil.disk_usage(self.config.store.path.parent).free / 1e6
         except OSError:
@@ -73,7 +76,16 @@ class Agent:
                 "readings": backlog.readings,
                 "oldest_age_s": None if oldest is None else round(oldest, 1),
             },
-            "evicted_readings": 0,
+            "evicted_readings": self.upkeep.evicted + self.pipeline.lost_readings,
+            "store": {
+                "used_mb": round(self.store.used_bytes() / 1e6, 1),
+                "history_readings": history,
+                "history_oldest_age_s": None if history_oldest is None
+                else round(max(0.0, time.time() - history_oldest / 1000), 1),
+                "pruned_readings": self.upkeep.pruned,
+                "recovered": self.store.recovered,
+                "memory_only": self.store.fallback_reason,
+            },
             **self.pipeline.health(),
             "cpu_percent": round(cpu, 1),
             "rss_mb": round(rss, 1),
@@ -90,7 +102,12 @@ class Agent:
             uplink = Uplink(cfg.uplink, cfg.agent, self.store, version=__version__, config_version=cfg.version,
                             health=self.health)
             pipeline = Pipeline(cfg, self.store, on_stored=uplink.wake)
-            self.uplink, self.pipeline = uplink, pipeline
+            upkeep = Upkeep(self.store, UpkeepConfig(
+                max_bytes=int(cfg.store.max_mb * 1e6), min_free_bytes=int(cfg.store.min_free_mb * 1e6),
+                retention_s=cfg.store.retention, sync_interval=cfg.store.sync_interval,
+            ))
+            self.uplink, self.pipeline, self.upkeep = uplink, pipeline, upkeep
+            pipeline.recover_archive()
             log.info("agent %s/%s starting: %d channel(s), %d point(s), store %s, next seq %d",
                      cfg.agent.enterprise, cfg.agent.id, len(cfg.channels), len(pipeline.table),
                      cfg.store.path, self.store.last_seq() + 1)
@@ -99,6 +116,8 @@ class Agent:
                 field = [tg.create_task(pipeline.run_channel(ch), name=f"channel {ch.id}")
                          for ch in cfg.channels if ch.enabled]
                 field.append(tg.create_task(pipeline.flush_loop(), name="batch timer"))
+                field.append(tg.create_task(pipeline.archive_loop(), name="archive"))
+                upkeep_task = tg.create_task(upkeep.run(), name="store upkeep")
                 sd_notify("READY=1")
                 await self._stop.wait()
                 sd_notify("STOPPING=1")
@@ -110,6 +129,9 @@ class Agent:
                 await uplink.drain(cfg.store.shutdown_drain)
                 await uplink.stop()
                 uplink_task.cancel()
+                upkeep_task.cancel()
+                pipeline.archive_flush()
+                self.store.sync()
             left = self.store.backlog()
             log.info("stopped; %d message(s) (%d readings) stay in the store for the next start",
                      left.messages, left.readings)

@@ -11,11 +11,12 @@ from typing import Any
 import orjson
 
 from agent.alarms import AlarmEvent
+from agent.buffer.store import KIND_ALARM, KIND_DATA
 from agent.decode import QUALITY_NAMES, ReadingBatch
 from agent.points import PointInfo
 
-KIND_ALARM = 0
-KIND_DATA = 1
+__all__ = ["KIND_ALARM", "KIND_DATA", "alarm_body", "data_body", "encode", "frame", "identity_fields"]
+
 KIND_NAMES = {KIND_ALARM: "alarm", KIND_DATA: "data"}
 
 _QUALITY_TAIL = tuple(f',"quality":"{name}"}}' for name in QUALITY_NAMES)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+import orjson
 
 from agent.alarms import AlarmEngine, AlarmEvent
+from agent.buffer.archive import ArchiveBuffer
 from agent.buffer.store import Store
 from agent.config import AgentConfig
 from agent.decode import BAD, GOOD, UNCERTAIN, ReadingBatch, bad_batch, decode
@@ -26,6 +30,8 @@ from agent.schema import ChannelBase
 log = logging.getLogger(__name__)
 
 _UNKNOWN = 255
+_QUALITY_CODES = {"good": GOOD, "uncertain": UNCERTAIN, "bad": BAD}
+T = TypeVar("T")
 
 
 class Pipeline:
@@ -46,6 +52,29 @@ class Pipeline:
         self._pending_since = 0.0
         self.readings_in = 0
         self.events_out = 0
+        self.lost_readings = 0  # readings the store refused (disk full, unreadable file)
+        self.archive = ArchiveBuffer()
+        self._key_of: list[int] = []
+        self._remap_keys()
+
+    def _remap_keys(self) -> None:
+        bools = frozenset(p.id for p in self.table.points if p.is_bool)
+        keys = self.store.point_keys((p.id for p in self.table.points), bools)
+        self._key_of = [keys[p.id] for p in self.table.points]
+
+    def _guard(self, what: str, action: Callable[[], T]) -> T | None:
+        """Run a store action; a damaged file is replaced and the action tried again; other errors are logged."""
+        try:
+            return action()
+        except sqlite3.DatabaseError as exc:
+            if self.store.recover_if_corrupt(exc):
+                self._remap_keys()
+                try:
+                    return action()
+                except sqlite3.DatabaseError as again:
+                    exc = again
+            log.error("store: %s failed: %s", what, exc)
+            return None
 
     # --- decode → alarms → store -----------------------------------------------------------------
 
@@ -54,6 +83,8 @@ class Pipeline:
         quality = self.quality
         for index, q in zip(batch.indices, batch.qualities, strict=True):
             quality[index] = q
+        key_of = self._key_of
+        self.archive.add_many([key_of[i] for i in batch.indices], batch.times(), batch.values, batch.qualities)
         self.readings_in += len(batch)
         if events:
             self.store_events(events)
@@ -65,10 +96,15 @@ class Pipeline:
             self.flush()
 
     def store_events(self, events: list[AlarmEvent]) -> None:
-        # alarm events are rare and must survive a power cut: their commit syncs the log
-        with self.store.transaction(durable=True):
-            for event in events:
-                self.store.append(KIND_ALARM, 1, alarm_body(self.identity, event), created=event.ts)
+        bodies = [(alarm_body(self.identity, event), event.ts) for event in events]
+
+        def write() -> None:
+            # alarm events are rare and must survive a power cut: their commit syncs the log
+            with self.store.transaction(durable=True):
+                for body, ts in bodies:
+                    self.store.append(KIND_ALARM, 1, body, created=ts)
+
+        self._guard("storing alarm events", write)
         self.events_out += len(events)
         for event in events:
             log.log(logging.WARNING if event.state == "raised" else logging.INFO,
@@ -99,10 +135,55 @@ class Pipeline:
                     chunk, size = [], 0
         if chunk:
             messages.append(data_body(self.identity, points, chunk))
-        with self.store.transaction():
-            for body, count in messages:
-                self.store.append(KIND_DATA, count, body)
+
+        def write() -> bool:
+            with self.store.transaction():
+                for body, count in messages:
+                    self.store.append(KIND_DATA, count, body)
+            return True
+
+        if self._guard("storing readings", write) is None:
+            self.lost_readings += sum(count for _, count in messages)
         self.on_stored()
+
+    # --- the archive -----------------------------------------------------------------------------
+
+    def archive_flush(self) -> None:
+        """Write the readings gathered since the last flush to the archive, as one chunk per point."""
+        self.flush()  # every reading in the archive buffer is now in a stored message
+        if self.archive.count == 0:
+            return
+        mark = self.store.last_seq()
+        chunks = list(self.archive.take())
+        self._guard("writing the archive", lambda: self.store.write_chunks(chunks, mark))
+
+    def recover_archive(self) -> int:
+        """At start: readings of messages stored after the last archive flush (a crash) go to the archive."""
+        missing = 0
+
+        def replay() -> None:
+            nonlocal missing
+            keys = {p.id: self._key_of[p.index] for p in self.table.points}
+            for _, body in self.store.data_rows_after(self.store.archive_mark()):
+                doc = orjson.loads(b"{" + body)
+                for r in doc["readings"]:
+                    key = keys.get(r["point"])
+                    if key is None:  # a point no longer configured keeps its history too
+                        key = keys[r["point"]] = self.store.point_keys([r["point"]])[r["point"]]
+                    self.archive.add(key, r["ts"], r["value"], _QUALITY_CODES.get(r["quality"], BAD))
+                    missing += 1
+
+        self._guard("recovering the archive", replay)
+        if missing:
+            log.info("store: %d readings stored after the last archive flush were added to the archive", missing)
+            self.archive_flush()
+        return missing
+
+    async def archive_loop(self) -> None:
+        interval = self.config.store.archive_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.archive_flush()
 
     async def flush_loop(self) -> None:
         """Store a partial batch once its oldest reading has waited max_delay."""

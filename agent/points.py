@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 
-from agent.config import AgentConfig
 from agent.schema import ChannelBase, DeviceBase, Limits, PointBase
+
+if TYPE_CHECKING:  # the config module loads the drivers, which use this module
+    from agent.config import AgentConfig
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable
@@ -229,9 +230,15 @@ class Uplink:
             self.flush_acks()
 
     def flush_acks(self) -> None:
-        if self._pending_acks:
-            acks, self._pending_acks = self._pending_acks, []
-            self.store.ack(acks)
+        if not self._pending_acks:
+            return
+        try:
+            self.store.ack(self._pending_acks)
+        except sqlite3.DatabaseError as exc:
+            if not self.store.recover_if_corrupt(exc):
+                log.error("uplink: cannot mark %d acknowledged messages: %s", len(self._pending_acks), exc)
+                return  # kept, marked at the next flush
+        self._pending_acks = []
 
     def offline_payload(self, *, with_ts: bool) -> bytes:
         msg: dict[str, Any] = {"online": False, "agent": self.identity.id, "enterprise": self.identity.enterprise}
@@ -295,6 +302,16 @@ class Uplink:
                 task.cancel()
 
     async def _send(self, session: _Session) -> None:
+        """Send until the session closes; a store failure pauses sending, never ends the connection."""
+        while not session.closed.is_set():
+            try:
+                await self._send_from(session)
+            except sqlite3.DatabaseError as exc:
+                if not self.store.recover_if_corrupt(exc):
+                    log.error("uplink: reading the store failed: %s; retrying in 1s", exc)
+                    await asyncio.sleep(1.0)
+
+    async def _send_from(self, session: _Session) -> None:
         """Live messages as they come; the backlog (stored before this connection) beside them, rate-bounded."""
         boundary = self.store.last_seq()
         live_after = boundary
