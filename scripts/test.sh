@@ -21,4 +21,5 @@ echo "== ruff"
 echo "== mypy --strict agent"
 .venv/bin/mypy --strict agent
 echo "== pytest"
-.venv/bin/python -m pytest -q "$@"
+# the slow tests mostly wait (outages, restarts), so several run side by side even on two cores
+.venv/bin/python -m pytest -q -n 4 "$@"
