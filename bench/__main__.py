@@ -107,43 +107,91 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
+def io_counters(pid: int) -> tuple[int, int]:
+    """(write syscalls, bytes sent to the storage layer) of a process, from /proc/PID/io."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["syscw"]), int(fields["write_bytes"])
+
+
+def archive_bytes_per_reading(store_path: Path) -> float:
+    """Pages the history archive occupies (table and index) per reading it holds."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
+    try:
+        size = db.execute("SELECT coalesce(sum(pgsize), 0) FROM dbstat WHERE name IN "
+                          "('archive', 'archive_by_end', 'point', 'sqlite_autoindex_point_1')").fetchone()[0]
+        readings = db.execute("SELECT coalesce(sum(count), 0) FROM archive").fetchone()[0]
+    finally:
+        db.close()
+    return size / readings if readings else float("nan")
+
+
+def store_backlog(store_path: Path) -> int:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(db.execute("SELECT coalesce(sum(count), 0) FROM outbox WHERE acked = 0").fetchone()[0])
+    finally:
+        db.close()
+
+
+class Broker:
+    def __init__(self, workdir: Path) -> None:
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(mosquitto).exists():
+            raise SystemExit("bench: mosquitto is required (apt-get install mosquitto)")
+        self.port = free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                             "max_queued_messages 100000\n")
+        self.cmd = [mosquitto, "-c", str(self.conf)]
+        self.log = open(workdir / "mosquitto.log", "ab")  # noqa: SIM115
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=self.log)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(mosquitto).exists():
-        raise SystemExit("bench: mosquitto is required (apt-get install mosquitto)")
-    broker_port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 100000\n")
-    procs: list[subprocess.Popen[bytes]] = []
-    broker_log = open(workdir / "mosquitto.log", "wb")  # noqa: SIM115
-    procs.append(subprocess.Popen([mosquitto, "-c", str(conf)], stdout=broker_log, stderr=broker_log))
-    wait_port(broker_port)
-
+    broker = Broker(workdir)
+    broker.start()
     config = synthetic_config(args.points, interval=args.interval, port=1, per_device=args.per_device)
     plant = PlantSimulator(config, ports={c.id: 0 for c in config.channels})
     await plant.start()
+    store_path = workdir / "store.db"
     data = synthetic_data(args.points, interval=args.interval, port=1, per_device=args.per_device,
-                          uplink_port=broker_port, store=str(workdir / "store.db"))
-    data["uplink"]["prefix"] = PREFIX
+                          uplink_port=broker.port, store=str(store_path))
+    data["uplink"].update({"prefix": PREFIX, "reconnect_min": 0.2, "reconnect_max": 1})
     data["log_level"] = "warning"
     for channel in data["channels"]:
         channel["port"] = plant.ports[channel["id"]]
     agent_yaml = workdir / "agent.yaml"
     agent_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
 
-    sub = Subscriber(broker_port)
+    sub = Subscriber(broker.port)
     agent_log = open(workdir / "agent.log", "wb")  # noqa: SIM115
     agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(agent_yaml)],
                              stdout=agent_log, stderr=agent_log)
-    procs.append(agent)
     proc = psutil.Process(agent.pid)
+    drain_rate = float("nan")
+    drained = 0
     try:
         await asyncio.sleep(args.warmup)
         if agent.poll() is not None:
             raise SystemExit(f"bench: the agent exited; see {workdir / 'agent.log'}")
+        # 1. steady state: delivery, CPU, disk writes, alarm latency
         cpu0 = sum(proc.cpu_times()[:2])
+        io0 = io_counters(agent.pid)
         count0 = sub.count()
         t0 = time.monotonic()
         crossed: dict[str, float] = {}
@@ -163,28 +211,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         elapsed = time.monotonic() - t0
         delivered = sub.count() - count0
         cpu = sum(proc.cpu_times()[:2]) - cpu0
-        rss = peak_rss_mb(agent.pid)
+        io1 = io_counters(agent.pid)
         await asyncio.sleep(2.0)  # late alarm events still count towards latency
         latencies = [(sub.raised[p] - t) * 1000 for p, t in crossed.items() if p in sub.raised]
         missing = len(crossed) - len(latencies)
+        # 2. an outage, then the backlog drains while live data go on
+        if args.outage > 0:
+            broker.stop()
+            await asyncio.sleep(args.outage)
+            drained = store_backlog(store_path)
+            broker.start()
+            t_up = time.monotonic()
+            while time.monotonic() - t_up < 300:
+                await asyncio.sleep(0.2)
+                if store_backlog(store_path) < args.points * args.interval:  # only live data left in flight
+                    break
+            drain_s = time.monotonic() - t_up
+            drain_rate = drained / drain_s
+        rss = peak_rss_mb(agent.pid)
     finally:
         agent.send_signal(signal.SIGTERM)
         try:
-            agent.wait(30)
+            agent.wait(60)
         except subprocess.TimeoutExpired:
             agent.kill()
         sub.stop()
         await plant.stop()
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(10)
+        broker.stop()
     result = {
         "readings_per_s": round(delivered / elapsed, 1),
         "cpu_us_per_reading": round(cpu / max(delivered, 1) * 1e6, 2),
         "peak_rss_mb": round(rss, 1),
         "alarm_latency_p50_ms": round(percentile(latencies, 50), 1),
         "alarm_latency_p99_ms": round(percentile(latencies, 99), 1),
+        "backlog_drain_readings_per_s": round(drain_rate, 1),
+        "bytes_per_retained_reading": round(archive_bytes_per_reading(store_path), 2),
+        "disk_writes_per_s": round((io1[0] - io0[0]) / elapsed, 1),
+        "disk_write_kb_per_s": round((io1[1] - io0[1]) / elapsed / 1024, 1),
     }
     if not args.json:
         print(f"points {args.points} at {args.interval:g}s, "
@@ -196,6 +259,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"alarm latency       p50 {result['alarm_latency_p50_ms']:.1f} ms, "
               f"p99 {result['alarm_latency_p99_ms']:.1f} ms over {len(latencies)} crossings"
               + (f" ({missing} without an event)" if missing else ""))
+        print(f"disk writes         {result['disk_writes_per_s']:>10.1f} write calls/s, "
+              f"{result['disk_write_kb_per_s']:.1f} KiB/s to storage")
+        if args.outage > 0:
+            print(f"backlog drain       {result['backlog_drain_readings_per_s']:>10,.1f} readings/s "
+                  f"({drained:,} readings after a {args.outage:g}s outage, beside live data)")
+        print(f"history on disk     {result['bytes_per_retained_reading']:>10.2f} bytes per retained reading")
         print(f"files in {workdir}")
     return result
 
@@ -207,6 +276,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds (default 30)")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default 5)")
     parser.add_argument("--per-device", type=int, default=1000, help="points per Modbus unit (default 1000)")
+    parser.add_argument("--outage", type=float, default=20.0,
+                        help="seconds of broker outage before measuring the backlog drain (0: skip; default 20)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if args.points < 1 or args.interval <= 0 or args.duration <= 0:

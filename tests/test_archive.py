@@ -86,3 +86,16 @@ def test_history_times_ago(text: str) -> None:
     assert parse_time(text, now=100_000.0) < 100_000_000
     assert parse_time("now", now=100.0) == 100_000
     assert parse_time("1764331200000") == 1764331200000
+
+
+def test_float32_chunks_with_gaps_still_round_trip() -> None:
+    stamps = array("q", [0, 1000, 2000, 3000])
+    values = array("d", [f32(1.1), math.nan, f32(-7.25), f32(3.3)])
+    samples = decode_chunk(encode_chunk(stamps, values, array("B", [0, 2, 0, 0])))
+    assert [s.value for s in samples] == [f32(1.1), None, -7.25, f32(3.3)]
+
+
+def test_values_that_need_double_precision_keep_it() -> None:
+    values = array("d", [0.1, 1 / 3, 123456789.123456789])
+    samples = decode_chunk(encode_chunk(array("q", [0, 1, 2]), values, array("B", [0, 0, 0])))
+    assert [s.value for s in samples] == list(values)

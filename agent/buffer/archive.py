@@ -16,9 +16,12 @@ from array import array
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
-_HEADER = struct.Struct("<BIq")  # format version, count, first sample time (ms)
+_HEADER = struct.Struct("<BBIq")  # format version, flags, count, first sample time (ms)
 _VERSION = 1
-_NAN_BITS = struct.unpack("<Q", struct.pack("<d", math.nan))[0]
+_F32 = 1  # values stored as float32 (every value of the chunk is exactly a float32)
+_I32 = 2  # time deltas stored as int32
+_NAN64 = struct.unpack("<Q", struct.pack("<d", math.nan))[0]
+_NAN32 = struct.unpack("<I", struct.pack("<f", math.nan))[0]
 _BIG = sys.byteorder == "big"
 
 
@@ -28,9 +31,19 @@ class Sample(NamedTuple):
     quality: int
 
 
+def _xor_chain(words: array[int]) -> array[int]:
+    out = array(words.typecode, [0] * len(words))
+    last = 0
+    for i, w in enumerate(words):
+        out[i] = w ^ last
+        last = w
+    return out
+
+
 def encode_chunk(stamps: array[int], values: array[float], qualities: array[int]) -> bytes:
     """Compress one point's samples (stamps ascending, NaN for a missing value)."""
     n = len(stamps)
+    flags = 0
     deltas = array("q", [0] * n)
     prev = stamps[0]
     prev_delta = 0
@@ -38,52 +51,64 @@ def encode_chunk(stamps: array[int], values: array[float], qualities: array[int]
         delta = stamps[i] - prev
         deltas[i] = delta - prev_delta
         prev, prev_delta = stamps[i], delta
-    bits = array("Q")
-    bits.frombytes(values.tobytes())
-    xored = array("Q", [0] * n)
-    last = 0
-    for i, b in enumerate(bits):
-        xored[i] = b ^ last
-        last = b
+    if all(-(1 << 31) <= d < (1 << 31) for d in deltas):
+        deltas = array("i", deltas)
+        flags |= _I32
+    narrow = array("f", values)
+    if all(a == b or b != b for a, b in zip(narrow, values, strict=True)):
+        # float32 sources (most field values) lose nothing at half the width
+        words = array("I")
+        words.frombytes(narrow.tobytes())
+        flags |= _F32
+    else:
+        words = array("Q")
+        words.frombytes(values.tobytes())
+    xored = _xor_chain(words)
     if _BIG:
         deltas.byteswap()
         xored.byteswap()
-    body = _HEADER.pack(_VERSION, n, stamps[0]) + deltas.tobytes() + bytes(qualities) + xored.tobytes()
+    body = _HEADER.pack(_VERSION, flags, n, stamps[0]) + deltas.tobytes() + bytes(qualities) + xored.tobytes()
     return zlib.compress(body, 6)
 
 
 def decode_chunk(blob: bytes, is_bool: bool = False) -> list[Sample]:
     raw = zlib.decompress(blob)
-    version, n, first = _HEADER.unpack_from(raw)
+    version, flags, n, first = _HEADER.unpack_from(raw)
     if version != _VERSION:
         raise ValueError(f"archive chunk format {version} is not known")
     offset = _HEADER.size
-    deltas = array("q")
-    deltas.frombytes(raw[offset : offset + 8 * n])
-    offset += 8 * n
+    deltas = array("i" if flags & _I32 else "q")
+    deltas.frombytes(raw[offset : offset + deltas.itemsize * n])
+    offset += deltas.itemsize * n
     qualities = raw[offset : offset + n]
     offset += n
-    xored = array("Q")
-    xored.frombytes(raw[offset : offset + 8 * n])
+    xored = array("I" if flags & _F32 else "Q")
+    xored.frombytes(raw[offset : offset + xored.itemsize * n])
     if _BIG:
         deltas.byteswap()
         xored.byteswap()
+    words = array(xored.typecode, [0] * n)
+    last = 0
+    for i in range(n):
+        last ^= xored[i]
+        words[i] = last
+    floats = array("f" if flags & _F32 else "d")
+    floats.frombytes(words.tobytes())
+    nan_bits = _NAN32 if flags & _F32 else _NAN64
     out: list[Sample] = []
     ts = first
     delta = 0
-    last = 0
     for i in range(n):
         if i:
             delta += deltas[i]
             ts += delta
-        last ^= xored[i]
         value: float | bool | None
-        if last == _NAN_BITS:
+        if words[i] == nan_bits or floats[i] != floats[i]:
             value = None
+        elif is_bool:
+            value = floats[i] != 0.0
         else:
-            value = struct.unpack("<d", struct.pack("<Q", last))[0]
-            if is_bool:
-                value = value != 0.0
+            value = float(floats[i])
         out.append(Sample(ts, value, qualities[i]))
     return out
 
