@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -118,6 +121,16 @@ def test_platform_receives_every_reading_with_its_value_and_quality(running: Any
     assert (raised["value"], raised["limit"], raised["unit"], raised["level"]) == (130.0, 55.0, "°C", 2)
     statuses = platform.statuses()
     assert statuses[0]["online"] is True and statuses[-1]["online"] is False
+    # the same readings are kept on site, and `edge-agent history` reads them back with no daemon
+    for point in ("LT-101", "XV-101", "TT-101"):
+        result = subprocess.run([sys.executable, "-m", "agent", "history", point, "--since", "10m",
+                                 "--store", str(store), "--json"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        kept = [(r["ts"], r["value"], r["quality"]) for r in json.loads(result.stdout)["readings"]]
+        sent = sorted((r.ts, r.value, r.quality) for r in per_point(platform)[point])
+        assert [k[0] for k in kept] == [s[0] for s in sent], point
+        for (_, kv, kq), (_, sv, sq) in zip(kept, sent, strict=True):
+            assert kq == sq and (kv == sv if isinstance(sv, bool) else kv == pytest.approx(sv, rel=1e-6))
     assert platform.health(), "no health message"
     assert {c["id"]: c["link"] for c in platform.health()[-1]["channels"]} == {"tankfarm": "up", "gas-controller": "up"}
 
