@@ -2,8 +2,8 @@
 
 Readings are gathered per point in memory (typed arrays, not objects) and written once a minute as one
 compressed chunk per point: sample times as deltas of deltas, values XORed with their predecessor (in float32
-when that loses nothing), split into byte planes, then zlib. A 1 s point costs 3 to 5 bytes per reading. The archive never decides what is delivered:
-that is the outbox's job; it only keeps history and answers `edge-agent history`.
+when that loses nothing), split into byte planes, then zlib. A 1 s point costs 3 to 5 bytes per reading.
+The archive never decides what is delivered (the outbox's job); it keeps history and answers `history`.
 """
 
 from __future__ import annotations
