@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import termios
 from typing import Any
 
 PARITIES = {"N": "N", "E": "E", "O": "O", "M": "M", "S": "S"}
@@ -54,8 +55,9 @@ class SerialLink:
                 self.port, baudrate=self.baudrate, bytesize=self.bytesize, parity=self.parity,
                 stopbits=self.stopbits, timeout=0, write_timeout=2.0,
             )
-        except (serial.SerialException, ValueError) as exc:
-            raise ConnectionError(f"cannot open serial port {self.port}: {exc}") from None
+        except (serial.SerialException, ValueError, termios.error) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConnectionError(f"cannot open serial port {self.port}: {reason}") from None
         self._serial = port
         self._lost = None
         self._buffer.clear()

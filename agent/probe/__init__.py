@@ -10,7 +10,7 @@ import importlib
 import json
 import pkgutil
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -41,7 +41,7 @@ def emit(result: dict[str, Any], as_json: bool, readable: str) -> None:
         click.echo(readable)
 
 
-def fail(message: str, as_json: bool, code: int = 1, **details: Any) -> None:
+def fail(message: str, as_json: bool, code: int = 1, **details: Any) -> NoReturn:
     """Report a failed probe (what failed, plainly) and exit non-zero."""
     if as_json:
         click.echo(json.dumps({"error": message, "quality": "bad", **details}, ensure_ascii=False))
