@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -55,6 +56,7 @@ def run(config_path: Path, log_level: str | None) -> None:
         sys.exit(EXIT_BAD_INPUT)
     _setup_logging(log_level or config.log_level)
     logging.getLogger("pymodbus").setLevel(logging.WARNING)
+    logging.getLogger("asyncua").setLevel(logging.WARNING)
     try:
         asyncio.run(Agent(config).run())
     except OSError as exc:
@@ -143,6 +145,87 @@ def history(point: str, since: str, until: str, config_path: Path, store_path: P
     for sample in samples:
         click.echo(as_line(sample))
     click.echo(f"{len(samples)} reading(s) of {point}", err=True)
+
+
+def _socket_of(config_path: Path, socket: Path | None) -> Path:
+    if socket is not None:
+        return socket
+    try:
+        return load_config(config_path).control.socket
+    except ConfigError as exc:
+        _print_config_errors(exc)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _ask(socket: Path, request: dict[str, Any]) -> dict[str, Any]:
+    from agent.control import ask
+
+    try:
+        return asyncio.run(ask(socket, request))
+    except ConnectionError as exc:
+        _fail(str(exc), 1)
+        raise AssertionError("unreachable") from None
+
+
+_CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                              default=Path("/etc/edge-agent/agent.yaml"), show_default=True,
+                              help="Configuration of the running agent (for its control socket).")
+_SOCKET_OPTION = click.option("--socket", type=click.Path(path_type=Path), default=None,
+                              help="Control socket of the running agent (instead of --config).")
+
+
+@main.command()
+@_CONFIG_OPTION
+@_SOCKET_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_path: Path, socket: Path | None, as_json: bool) -> None:
+    """Ask the running agent how it is: uplink, channels, production state, raised alarms."""
+    answer = _ask(_socket_of(config_path, socket), {"cmd": "status"})
+    if as_json or not answer.get("ok"):
+        click.echo(json.dumps(answer, ensure_ascii=False))
+        sys.exit(0 if answer.get("ok") else 1)
+    r = answer["result"]
+    click.echo(f"agent {r['enterprise']}/{r['agent']} {r['version']} (config {r['config_version']}), "
+               f"up {r['uptime_s']} s, production {r['production_state']}")
+    click.echo(f"uplink: {'connected' if r['uplink']['connected'] else 'DISCONNECTED'}"
+               + (f" ({r['uplink']['last_error']})" if r["uplink"]["last_error"] else "")
+               + f"; backlog {r['backlog']['messages']} message(s), {r['backlog']['readings']} reading(s)")
+    for ch in r["channels"]:
+        devices = ", ".join(f"{d['id']} {d['state']}" + (f" ({d['last_error']})" if d["last_error"] else "")
+                            for d in ch["devices"])
+        click.echo(f"channel {ch['id']}: link {ch['link']}; {devices}")
+    click.echo(f"points: {r['points']['good']} good, {r['points']['uncertain']} uncertain, {r['points']['bad']} bad")
+    click.echo("alarms raised: " + (", ".join(f"{a['id']} ({a['state']})" for a in r["alarms"]) or "none"))
+
+
+@main.group()
+def alarms() -> None:
+    """List and reset the running agent's alarms."""
+
+
+@alarms.command("list")
+@_CONFIG_OPTION
+@_SOCKET_OPTION
+def alarms_list(config_path: Path, socket: Path | None) -> None:
+    """Print the alarms raised now (latched ones wait for a reset)."""
+    answer = _ask(_socket_of(config_path, socket), {"cmd": "status"})
+    raised = answer["result"]["alarms"] if answer.get("ok") else []
+    for alarm in raised:
+        click.echo(f"{alarm['id']}\t{alarm['state']}")
+    if not raised:
+        click.echo("no alarm raised", err=True)
+
+
+@alarms.command("reset")
+@click.argument("alarm_id")
+@_CONFIG_OPTION
+@_SOCKET_OPTION
+def alarms_reset(alarm_id: str, config_path: Path, socket: Path | None) -> None:
+    """Reset a latched alarm (e.g. GT-201/high) whose condition is gone; it is reported as a `reset` event."""
+    answer = _ask(_socket_of(config_path, socket), {"cmd": "reset", "alarm": alarm_id})
+    if not answer.get("ok"):
+        _fail(str(answer.get("error")), 1)
+    click.echo(f"{alarm_id}: reset")
 
 
 def _add_probe() -> None:

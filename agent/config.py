@@ -111,6 +111,46 @@ class StoreConfig(Model):
     )
 
 
+class ZoneConfig(Model):
+    """A hazardous zone watched for crowding (人员聚集)."""
+
+    id: Identifier = Field(description="Zone id, carried in `crowding` events.")
+    name: str = Field("", description="Zone name, e.g. 罐区.")
+    head_count: Identifier = Field(description="Point giving the number of people in the zone.")
+    limit: int = Field(ge=0, description="Most people allowed in the zone at once.")
+    color: Literal["red", "orange", "yellow", "blue"] = Field(description="Risk colour of the zone (红橙黄蓝).")
+    duration: Duration = Field(
+        60.0, ge=0, le=3600,
+        description="Head count above the limit this long raises `crowding` (the ministry's guide: over one minute).",
+    )
+
+
+class MeterConfig(Model):
+    """An electricity meter watched for production during an ordered shutdown, and for daily energy."""
+
+    id: Identifier = Field(description="Meter id.")
+    active_power: Identifier = Field(description="Point of total active power, kW.")
+    total_energy: Identifier | None = Field(None, description="Point of the total forward active energy, kWh.")
+    idle_kw: float = Field(ge=0, description="Idle baseline: while halted, more than this is production.")
+    delay: Duration = Field(900.0, ge=0, le=86400, description="Power above idle this long while halted raises "
+                            "`halt_violation`.")
+    daily_energy: Identifier | None = Field(
+        None, description="Id of the derived point that carries today's energy (kWh), computed from total_energy."
+    )
+    rollover: float = Field(1_000_000.0, gt=0, description="Where the energy register wraps (XXXXXX.XX: 1,000,000).")
+
+
+class PowerConfig(Model):
+    meters: list[MeterConfig] = Field(default_factory=list)
+
+
+class ControlConfig(Model):
+    socket: Path = Field(
+        Path("/run/edge-agent/control.sock"),
+        description="Unix socket of the local CLI (`edge-agent alarms ...`); relative to the config file's folder.",
+    )
+
+
 if TYPE_CHECKING:
     ChannelConfig = ChannelBase
 else:
@@ -130,6 +170,9 @@ class AgentConfig(Model):
     uplink: UplinkConfig = Field(default_factory=UplinkConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     channels: list[ChannelConfig] = Field(default_factory=list, description="Field connections.")
+    zones: list[ZoneConfig] = Field(default_factory=list, description="Zones watched for crowding.")
+    power: PowerConfig = Field(default_factory=PowerConfig, description="Meters watched during an ordered shutdown.")
+    control: ControlConfig = Field(default_factory=ControlConfig, description="The local control socket.")
     version: str = Field("local", max_length=64, description="Configuration version, reported in `status`.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
 
@@ -153,6 +196,25 @@ class AgentConfig(Model):
                         errors.append(f"{where}: duplicate point id {point.id!r} (also at {seen_points[point.id]})")
                     else:
                         seen_points[point.id] = where
+        for ci, channel in enumerate(self.channels):
+            for di, device in enumerate(getattr(channel, "devices", [])):
+                for pi, point in enumerate(device.points):
+                    if point.fault_of is not None and point.fault_of not in seen_points:
+                        errors.append(f"channels[{ci}].devices[{di}].points[{pi}].fault_of: no point "
+                                      f"{point.fault_of!r} in the configuration")
+        for zi, zone in enumerate(self.zones):
+            if zone.head_count not in seen_points:
+                errors.append(f"zones[{zi}].head_count: no point {zone.head_count!r} in the configuration")
+        for mi, meter in enumerate(self.power.meters):
+            for field in ("active_power", "total_energy"):
+                ref = getattr(meter, field)
+                if ref is not None and ref not in seen_points:
+                    errors.append(f"power.meters[{mi}].{field}: no point {ref!r} in the configuration")
+            if meter.daily_energy is not None:
+                if meter.daily_energy in seen_points:
+                    errors.append(f"power.meters[{mi}].daily_energy: {meter.daily_energy!r} is already a point")
+                if meter.total_energy is None:
+                    errors.append(f"power.meters[{mi}].daily_energy: needs total_energy to compute from")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -214,7 +276,7 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         elif kind in ("value_error", "assertion_error"):
             msg = str(ctx.get("error", err["msg"]))
             # the cross-field check reports several located errors in one message
-            if where == "(top level)" and msg.startswith("channels["):
+            if where == "(top level)" and msg.startswith(("channels[", "zones[", "power.")):
                 lines.extend(msg.split("; "))
                 continue
         else:
@@ -255,10 +317,30 @@ def validate_config_data(data: dict[str, Any], *, source: str, base_dir: Path | 
         config = AgentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, format_validation_error(exc)) from None
-    if base_dir is not None and not config.store.path.is_absolute():
-        store = config.store.model_copy(update={"path": (base_dir / config.store.path).resolve()})
-        config = config.model_copy(update={"store": store})
+    if base_dir is not None:
+        resolved = _resolve_paths(config, base_dir)
+        assert isinstance(resolved, AgentConfig)
+        config = resolved
     return config
+
+
+def _resolve_paths(value: Any, base: Path) -> Any:
+    """Relative file names anywhere in the configuration (store, socket, certificates) are taken from the
+    config file's folder, so the daemon finds them whatever its working directory."""
+    if isinstance(value, Path):
+        return value if value.is_absolute() else (base / value).resolve()
+    if isinstance(value, list):
+        items = [_resolve_paths(v, base) for v in value]
+        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+    if isinstance(value, Model):
+        update = {}
+        for name in type(value).model_fields:
+            current = getattr(value, name)
+            new = _resolve_paths(current, base)
+            if new is not current:
+                update[name] = new
+        return value.model_copy(update=update) if update else value
+    return value
 
 
 def config_schema() -> dict[str, Any]:

@@ -21,7 +21,9 @@ import psutil
 from agent import __version__
 from agent.buffer.store import Store
 from agent.buffer.upkeep import Upkeep, UpkeepConfig
+from agent.commands import CommandHandler
 from agent.config import AgentConfig
+from agent.control import ControlServer
 from agent.pipeline import Pipeline
 from agent.uplink import Uplink
 
@@ -92,6 +94,24 @@ class Agent:
             "disk_free_mb": None if disk_free is None else round(disk_free, 1),
         }
 
+    def status(self) -> dict[str, Any]:
+        """What `status` answers, to the platform and to the local CLI."""
+        assert self.pipeline is not None and self.uplink is not None
+        backlog = self.store.backlog()
+        states = self.pipeline.alarms.states()
+        return {
+            "agent": self.config.agent.id,
+            "enterprise": self.config.agent.enterprise,
+            "version": __version__,
+            "config_version": self.config.version,
+            "uptime_s": round(time.time() - self.started),
+            "production_state": self.pipeline.production_state,
+            "alarms": [{"id": alarm_id, "state": state} for alarm_id, state in sorted(states.items())],
+            "backlog": {"messages": backlog.messages, "readings": backlog.readings},
+            "uplink": {"connected": self.uplink.connected, "last_error": self.uplink.last_error},
+            **self.pipeline.health(),
+        }
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -108,6 +128,9 @@ class Agent:
             ))
             self.uplink, self.pipeline, self.upkeep = uplink, pipeline, upkeep
             pipeline.recover_archive()
+            commands = CommandHandler(pipeline.reset_alarm, pipeline.set_production_state, self.status)
+            uplink.on_command = commands.handle
+            control = ControlServer(cfg.control.socket, commands.handle)
             log.info("agent %s/%s starting: %d channel(s), %d point(s), store %s, next seq %d",
                      cfg.agent.enterprise, cfg.agent.id, len(cfg.channels), len(pipeline.table),
                      cfg.store.path, self.store.last_seq() + 1)
@@ -118,6 +141,7 @@ class Agent:
                 field.append(tg.create_task(pipeline.flush_loop(), name="batch timer"))
                 field.append(tg.create_task(pipeline.archive_loop(), name="archive"))
                 upkeep_task = tg.create_task(upkeep.run(), name="store upkeep")
+                field.append(tg.create_task(control.run(), name="control socket"))
                 sd_notify("READY=1")
                 await self._stop.wait()
                 sd_notify("STOPPING=1")
@@ -130,6 +154,7 @@ class Agent:
                 await uplink.stop()
                 uplink_task.cancel()
                 upkeep_task.cancel()
+                pipeline.save_energy()
                 pipeline.archive_flush()
                 self.store.sync()
             left = self.store.backlog()

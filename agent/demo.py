@@ -24,12 +24,13 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.buffer.store import Store
-from agent.config import ConfigError, load_config
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.schema import parse_duration
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CONFIG = HERE.parent / "config" / "example.yaml"
-# the longest scenario (tank overfill) at speed 1, in seconds
-LONGEST_SCENARIO = 95.0
+DEFAULT_CONFIG = HERE.parent / "config" / "demo.yaml"
+# the longest scenario (crowding in a zone) at speed 1, in seconds
+LONGEST_SCENARIO = 125.0
 
 
 class DemoError(Exception):
@@ -80,6 +81,9 @@ class _Screen:
                     f"[{style}]ALARM {message['state']:>7}[/] {message['id']:<22} level {message['level']}  "
                     f"value {value} {message['unit']}{limit}  seq {message['seq']}"
                 )
+            elif leaf == "result":
+                outcome = "[green]ok[/]" if message.get("ok") else f"[yellow]refused[/]: {message.get('error')}"
+                self.console.print(f"[magenta]agent → platform[/] {message.get('id')} {message.get('cmd')}: {outcome}")
             elif leaf == "status":
                 self.console.print(f"[cyan]status[/] online={message.get('online')}")
 
@@ -96,13 +100,95 @@ class _Screen:
         return table
 
 
+def site_duration(value: Any) -> float:
+    return float(parse_duration(value))
+
+
+class _Plant:
+    """Every simulator the site needs, started and stopped together."""
+
+    def __init__(self, site: AgentConfig, workdir: Path, speed: float) -> None:
+        from simulators.dlt645 import Dlt645BusSimulator
+        from simulators.modbus import PlantSimulator
+        from simulators.modbus_rtu import RtuBusSimulator
+        from simulators.opcua import OpcUaSimulator
+
+        self.drivers = {c.id: c.driver for c in site.channels}
+        used = set(self.drivers.values())
+        self.tcp = PlantSimulator(site, ports={c.id: 0 for c in site.channels if c.driver == "modbus_tcp"},
+                                  speed=speed) if "modbus_tcp" in used else None
+        self.sims: list[Any] = [sim for sim in (
+            RtuBusSimulator(site, folder=workdir, speed=speed) if used & {"modbus_rtu", "modbus_rtu_tcp"} else None,
+            OpcUaSimulator(site, folder=workdir / "opcua", speed=speed) if "opcua" in used else None,
+            Dlt645BusSimulator(site, folder=workdir, speed=speed) if "dlt645" in used else None,
+        ) if sim is not None]
+        self.overrides: dict[str, dict[str, Any]] = {}
+        self.scenario_names: list[str] = []
+
+    async def start(self) -> None:
+        if self.tcp is not None:
+            await self.tcp.start()
+            for channel_id, port in self.tcp.ports.items():
+                self.overrides[channel_id] = {"host": "127.0.0.1", "port": port}
+        for sim in self.sims:
+            await sim.start()
+            self.overrides.update(sim.channel_overrides())
+
+    def start_scenarios(self) -> list[asyncio.Task[None]]:
+        tasks = []
+        for sim in ([self.tcp] if self.tcp is not None else []) + self.sims:
+            for name in sim.scenarios():
+                tasks.append(sim.start_scenario(name, loop=True))
+                self.scenario_names.append(name)
+        return tasks
+
+    async def stop(self) -> None:
+        for sim in reversed(self.sims):
+            with contextlib.suppress(Exception):
+                await sim.stop()
+        if self.tcp is not None:
+            await self.tcp.stop()
+
+
+class _PlatformDesk:
+    """What an operator at the county platform does in the demo: order a shutdown, reset latched gas alarms."""
+
+    def __init__(self, platform: Any, enterprise: str, agent: str, console: Console) -> None:
+        self.platform = platform
+        self.enterprise = enterprise
+        self.agent = agent
+        self.console = console
+        self.sent = 0
+        self.last_sent = 0.0
+
+    def send(self, body: dict[str, Any]) -> None:
+        self.sent += 1
+        self.last_sent = time.monotonic()
+        cmd_id = f"demo-{self.sent}"
+        self.platform.command(self.enterprise, self.agent, {"id": cmd_id, **body})
+        self.console.print(f"[magenta]platform → agent[/] {cmd_id}: {body}")
+
+    def reset_latched(self) -> None:
+        """Ask for a reset of every gas alarm still raised; the agent refuses while the gas is there."""
+        states: dict[str, str] = {}
+        for event in self.platform.alarms():
+            states[event["id"]] = event["state"]
+        answered = {r.get("id") for r in self.platform.command_results()}
+        waiting = [n for n in range(1, self.sent + 1) if f"demo-{n}" not in answered]
+        if waiting and time.monotonic() - self.last_sent < 15:
+            return  # one round at a time; a command lost in a reconnect is given up after 15 s
+        for alarm_id, state in sorted(states.items()):
+            if state == "raised" and alarm_id.rsplit("/", 1)[1] in ("high", "high_high", "low", "low_low") \
+                    and alarm_id.startswith("GT-"):
+                self.send({"cmd": "reset", "alarm": alarm_id})
+
+
 def run_demo(*, duration: float | None, broker: str | None, config_path: Path | None) -> bool:
     """Run the demo; True when the platform received every message the agent stored."""
     return asyncio.run(_demo(duration, broker, config_path or DEFAULT_CONFIG))
 
 
 async def _demo(duration: float | None, broker_arg: str | None, config_path: Path) -> bool:
-    from simulators.modbus import PlantSimulator
     from simulators.platform import PlatformSimulator, PlatformSimulatorError
 
     console = Console(highlight=False)
@@ -140,21 +226,26 @@ async def _demo(duration: float | None, broker_arg: str | None, config_path: Pat
     await _wait_port(broker_host, broker_port, 10)
     console.print(f"[bold]broker[/]: {broker_name} on {broker_host}:{broker_port}")
 
-    # 2. the plant
+    # 2. the plant: one simulator per protocol the site uses
     speed = 1.0 if duration is None else max(1.0, LONGEST_SCENARIO / (0.6 * duration))
-    plant = PlantSimulator(site, ports={c.id: 0 for c in site.channels}, speed=speed)
+    plant = _Plant(site, workdir, speed)
     await plant.start()
-    for channel_id, port in plant.ports.items():
-        console.print(f"[bold]plant[/]: channel {channel_id} (Modbus TCP) on 127.0.0.1:{port}")
+    for channel_id, where in plant.overrides.items():
+        shown = where.get("endpoint") or (f"{where['host']}:{where['port']}" if "host" in where else where["port"])
+        console.print(f"[bold]plant[/]: channel {channel_id} ({plant.drivers[channel_id]}) at {shown}")
 
-    # 3. the agent, as the daemon runs it
+    # 3. the agent, as the daemon runs it; the demo compresses time on both sides alike
     data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     data["uplink"] = {**data.get("uplink", {}), "host": broker_host, "port": broker_port, "health_interval": 10,
                       "tls": None, "username": None, "password": None}
     data["store"] = {"path": str(workdir / "store.db"), "shutdown_drain": 5}
+    data["control"] = {"socket": str(workdir / "control.sock")}
     for channel in data["channels"]:
-        if channel["id"] in plant.ports:
-            channel["host"], channel["port"] = "127.0.0.1", plant.ports[channel["id"]]
+        channel.update(plant.overrides.get(channel["id"], {}))
+    for zone in data.get("zones", []):
+        zone["duration"] = site_duration(zone.get("duration", 60.0)) / speed
+    for meter in data.get("power", {}).get("meters", []):
+        meter["delay"] = site_duration(meter.get("delay", 900.0)) / speed
     agent_config = workdir / "agent.yaml"
     agent_config.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
     prefix = data["uplink"].get("prefix", "edge")
@@ -172,9 +263,14 @@ async def _demo(duration: float | None, broker_arg: str | None, config_path: Pat
         stdout=agent_log, stderr=agent_log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     console.print(f"[bold]agent[/]: pid {agent.pid}, log {workdir / 'agent.log'}")
-    scenarios = [plant.start_scenario(name, loop=True) for name in plant.scenarios()]
-    console.print(f"[bold]scenarios[/]: {', '.join(plant.scenarios())} (speed ×{speed:.1f}); "
+    scenarios = plant.start_scenarios()
+    console.print(f"[bold]scenarios[/]: {', '.join(plant.scenario_names)} (speed ×{speed:.1f}); "
                   + (f"stopping after {duration:g}s" if duration else "Ctrl-C to stop"))
+    commands = _PlatformDesk(platform, site.agent.enterprise, site.agent.id, console)
+    # the agent listens for commands once it is online
+    online = await asyncio.to_thread(platform.wait_for, lambda p: any(s.get("online") for s in p.statuses()), 30)
+    if online and site.power.meters:
+        commands.send({"cmd": "set_production_state", "state": "halted"})  # an ordered shutdown, to be watched
 
     started = time.monotonic()
     try:
@@ -185,6 +281,7 @@ async def _demo(duration: float | None, broker_arg: str | None, config_path: Pat
                 console.print(f"[red]the agent exited with code {agent.returncode}[/]; see {workdir / 'agent.log'}")
                 break
             console.print(screen.table())
+            commands.reset_latched()
             if duration is not None and time.monotonic() - started >= duration:
                 break
     finally:
@@ -231,6 +328,8 @@ def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | Non
         ("readings received by the platform", readings),
         ("alarms raised", raised),
         ("alarms cleared", cleared),
+        ("alarms reset by the platform", sum(1 for a in platform.alarms() if a["state"] == "reset")),
+        ("commands answered", len(platform.command_results())),
         ("messages replayed (hist)", hist),
         ("duplicates (dropped by seq)", duplicates),
         ("still in the agent's store", len(stored)),

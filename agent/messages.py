@@ -77,6 +77,9 @@ def alarm_body(identity: str, event: AlarmEvent) -> bytes:
         "unit": event.unit,
         "ts": event.ts,
     }
+    if event.zone is not None:
+        fields["zone"] = event.zone
+        fields["color"] = event.color
     if event.message:
         fields["message"] = event.message
     return identity.encode() + orjson.dumps(fields)[1:]

@@ -24,6 +24,7 @@ from agent.config import AgentConfig
 from agent.decode import BAD, GOOD, UNCERTAIN, ReadingBatch, bad_batch, decode
 from agent.drivers import registry
 from agent.drivers.registry import DeviceRead, Driver
+from agent.energy import DailyEnergy
 from agent.messages import KIND_ALARM, KIND_DATA, alarm_body, data_body, identity_fields
 from agent.points import DeviceSlot, PointTable
 from agent.schema import ChannelBase
@@ -41,7 +42,14 @@ class Pipeline:
         self.store = store
         self.on_stored = on_stored
         self.table = PointTable(config)
-        self.alarms = AlarmEngine(self.table)
+        # derived points (daily energy) get their indices before anything sizes itself on the table
+        self._energy: dict[int, tuple[DailyEnergy, int, str]] = {}
+        for meter in config.power.meters:
+            if meter.daily_energy is not None and meter.total_energy is not None:
+                derived = self.table.add_derived(meter.daily_energy, "kWh", "power", meter.id)
+                source = self.table.by_id[meter.total_energy].index
+                self._energy[source] = (DailyEnergy(meter.rollover), derived.index, meter.id)
+        self.alarms = AlarmEngine(self.table, config)
         self.identity = identity_fields(config.agent.id, config.agent.enterprise)
         self.max_readings = config.uplink.batch.max_readings
         self.max_delay = config.uplink.batch.max_delay
@@ -57,6 +65,35 @@ class Pipeline:
         self.archive = ArchiveBuffer()
         self._key_of: list[int] = []
         self._remap_keys()
+        self.production_state = "normal"
+        self._restore_state()
+
+    def _restore_state(self) -> None:
+        """Alarm states, the production state and the energy counters as they were before the restart."""
+        def load() -> None:
+            unknown = self.alarms.load(self.store.alarm_states(), int(time.time() * 1000))
+            if unknown:
+                log.info("alarms no longer configured, forgotten: %s", ", ".join(sorted(unknown)))
+            self.production_state = str(self.store.meta("production_state", "normal"))
+            self.alarms.set_halted(self.production_state == "halted", 0)
+            for energy, _, meter in self._energy.values():
+                saved = self.store.meta(f"energy:{meter}")
+                if saved:
+                    energy.restore(orjson.loads(saved))
+
+        self._guard("restoring alarm and production states", load)
+        raised = self.alarms.active()
+        if raised:
+            log.info("alarms raised before the restart, still raised: %s", ", ".join(raised))
+
+    def save_energy(self) -> None:
+        def save() -> None:
+            with self.store.transaction():
+                for energy, _, meter in self._energy.values():
+                    self.store.set_meta(f"energy:{meter}", orjson.dumps(energy.save()).decode())
+
+        if self._energy:
+            self._guard("saving energy counters", save)
 
     def _remap_keys(self) -> None:
         bools = frozenset(p.id for p in self.table.points if p.is_bool)
@@ -80,6 +117,10 @@ class Pipeline:
     # --- decode → alarms → store -----------------------------------------------------------------
 
     def ingest(self, batch: ReadingBatch) -> None:
+        if not batch.indices:
+            return  # a subscription with no news
+        if self._energy:
+            self._add_daily_energy(batch)
         events = self.alarms.evaluate(batch)
         quality = self.quality
         for index, q in zip(batch.indices, batch.qualities, strict=True):
@@ -96,14 +137,31 @@ class Pipeline:
         if self._pending_count >= self.max_readings:
             self.flush()
 
+    def _add_daily_energy(self, batch: ReadingBatch) -> None:
+        energy = self._energy
+        times = batch.times()
+        extra: list[tuple[int, float, int]] = []
+        for n, index in enumerate(batch.indices):
+            meter = energy.get(index)
+            if meter is not None and batch.qualities[n] != BAD:
+                extra.append((meter[1], meter[0].update(float(batch.values[n]), times[n]), times[n]))
+        for derived, value, ts in extra:
+            batch.indices.append(derived)
+            batch.values.append(value)
+            batch.qualities.append(GOOD)
+            if batch.stamps is not None:
+                batch.stamps.append(ts)
+
     def store_events(self, events: list[AlarmEvent]) -> None:
         bodies = [(alarm_body(self.identity, event), event.ts) for event in events]
+        states = self.alarms.states()
 
         def write() -> None:
             # alarm events are rare and must survive a power cut: their commit syncs the log
             with self.store.transaction(durable=True):
                 for body, ts in bodies:
                     self.store.append(KIND_ALARM, 1, body, created=ts)
+                self.store.save_alarm_states(states)
 
         self._guard("storing alarm events", write)
         self.events_out += len(events)
@@ -147,6 +205,31 @@ class Pipeline:
             self.lost_readings += sum(count for _, count in messages)
         self.on_stored()
 
+    # --- commands (from the platform or the local CLI) -------------------------------------------
+
+    def reset_alarm(self, alarm_id: str) -> dict[str, Any]:
+        """Reset a latched alarm; raises ResetRefused with the reason when it cannot be."""
+        event = self.alarms.reset(alarm_id, int(time.time() * 1000))
+        self.store_events([event])
+        return {"alarm": alarm_id, "state": "reset"}
+
+    def set_production_state(self, state: str) -> dict[str, Any]:
+        if state not in ("normal", "halted"):
+            raise ValueError(f"production state must be 'normal' or 'halted', not {state!r}")
+        previous, self.production_state = self.production_state, state
+
+        def save() -> None:
+            with self.store.transaction(durable=True):
+                self.store.set_meta("production_state", state)
+
+        self._guard("saving the production state", save)
+        events = self.alarms.set_halted(state == "halted", int(time.time() * 1000))
+        if events:
+            self.store_events(events)
+        if previous != state:
+            log.warning("production state: %s -> %s", previous, state)
+        return {"production_state": state, "previous": previous}
+
     # --- the archive -----------------------------------------------------------------------------
 
     def archive_flush(self) -> None:
@@ -187,6 +270,7 @@ class Pipeline:
         while True:
             await asyncio.sleep(interval)
             self.flush()
+            self.save_energy()
             if self.archive.count == 0:
                 continue
             mark = self.store.last_seq()
@@ -202,6 +286,9 @@ class Pipeline:
         tick = max(0.05, min(self.max_delay / 4, 0.25))
         while True:
             await asyncio.sleep(tick)
+            events = self.alarms.tick(int(time.time() * 1000))
+            if events:
+                self.store_events(events)
             if self._pending and time.monotonic() - self._pending_since >= self.max_delay:
                 self.flush()
 

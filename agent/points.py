@@ -88,5 +88,15 @@ class PointTable:
         info.json_float = "%.7g" if ptype == "float32" else "%.12g"
         return info
 
+    def add_derived(self, point_id: str, unit: str, domain: str, device: str) -> PointInfo:
+        """A point the agent computes itself (daily energy), published like a measured one."""
+        info = PointInfo(index=len(self.points), id=point_id, unit=unit, domain=domain, channel="derived",
+                         device=device, scale=1.0, offset=0.0, lo=-math.inf, hi=math.inf, limits=None,
+                         comm_loss=3600.0, is_bool=False)
+        info.json_head = '{"point":' + orjson.dumps(point_id).decode() + ',"ts":'
+        self.points.append(info)
+        self.by_id[point_id] = info
+        return info
+
     def __len__(self) -> int:
         return len(self.points)

@@ -53,6 +53,13 @@ class Limits(Model):
     low_low: float | None = Field(None, description="低低报: second-level low limit (raised at value <= limit).")
     deadband: float = Field(0.0, ge=0, description="Hysteresis: a high clears below limit - deadband.")
     delay: Duration = Field(0.0, le=3600, description="On-delay: the condition must hold this long to raise.")
+    rate_rise: float | None = Field(
+        None, gt=0, description="Raise `rate` when the value rises faster than this, in the point's unit per minute."
+    )
+    rate_fall: float | None = Field(
+        None, gt=0, description="Raise `rate` when the value falls faster than this, in the point's unit per minute."
+    )
+    rate_window: Duration = Field(60.0, ge=1, le=3600, description="Time over which the rate of change is measured.")
 
     @model_validator(mode="after")
     def _ordered(self) -> Limits:
@@ -64,7 +71,24 @@ class Limits(Model):
         return self
 
     def any(self) -> bool:
-        return any(v is not None for v in (self.high_high, self.high, self.low, self.low_low))
+        return any(v is not None for v in (self.high_high, self.high, self.low, self.low_low,
+                                            self.rate_rise, self.rate_fall))
+
+
+def _kept(limits: Limits | None) -> dict[str, float]:
+    """What a gas point's own `limits` say besides the set points: kept beside the standard's defaults."""
+    if limits is None:
+        return {}
+    return {"deadband": limits.deadband, "delay": limits.delay, "rate_window": limits.rate_window}
+
+
+class GasDetector(Model):
+    """What a gas detector measures; it sets default limits and the checks of GB/T 50493-2019."""
+
+    kind: Literal["combustible", "toxic", "oxygen"] = Field(
+        description="combustible (%LEL), toxic (by its occupational exposure limit) or oxygen (%VOL)."
+    )
+    gas: str | None = Field(None, description="For toxic gas: which one (H2S, CO, NH3, Cl2, C6H6, ...).")
 
 
 class PointBase(Model):
@@ -83,12 +107,51 @@ class PointBase(Model):
     comm_loss: Duration | None = Field(
         None, description="Raise `comm_loss` after the point is bad this long; the device's value when omitted."
     )
+    gas: GasDetector | None = Field(None, description="The point is a gas detector's concentration.")
+    latch: bool | None = Field(
+        None, description="Alarms stay raised until reset by hand (default: yes for gas detectors, no otherwise)."
+    )
+    fault_of: str | None = Field(
+        None, description="This point is the fault status of that detector point: non-zero raises `fault` on it."
+    )
 
     @model_validator(mode="after")
     def _range_ordered(self) -> PointBase:
         if self.range is not None and self.range[0] >= self.range[1]:
             raise ValueError(f"range must be [min, max] with min < max, got {list(self.range)}")
         return self
+
+    @model_validator(mode="after")
+    def _gas_rules(self) -> PointBase:
+        if self.gas is None:
+            return self
+        import agent.gas as standards
+
+        limits = self.limits
+        if limits is None or not limits.any():
+            kind = self.gas.kind
+            if kind == "combustible":
+                first, second = standards.combustible_set_points()
+                limits = Limits(high=first, high_high=second, **_kept(limits))
+            elif kind == "toxic":
+                if self.gas.gas is None:
+                    raise ValueError("a toxic gas detector needs `gas` (e.g. H2S) to take its default limits")
+                first, second = standards.toxic_set_points(self.gas.gas, self.unit)
+                limits = Limits(high=first, high_high=second, **_kept(limits))
+            else:
+                low, high = standards.oxygen_set_points()
+                limits = Limits(low=low, high=high, **_kept(limits))
+        if self.gas.kind == "oxygen":
+            problems = standards.check_gas_limits("oxygen", limits.low, limits.high, self.unit, limits.delay)
+        else:
+            problems = standards.check_gas_limits(self.gas.kind, limits.high, limits.high_high, self.unit,
+                                                  limits.delay, self.gas.gas)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self.model_copy(update={"limits": limits}) if limits is not self.limits else self
+
+    def latches(self) -> bool:
+        return self.latch if self.latch is not None else self.gas is not None
 
 
 class DeviceBase(Model):

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
@@ -71,6 +72,7 @@ class _Session:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
+        c.on_message = self._on_message
         c.on_socket_open = self._threadsafe(self._sock_open)
         c.on_socket_close = self._threadsafe(self._sock_close)
         c.on_socket_register_write = self._threadsafe(self._sock_want_write)
@@ -137,6 +139,13 @@ class _Session:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        uplink = self.uplink
+        if message.topic != uplink.topic("cmd") or uplink.on_command is None:
+            return
+        result = uplink.on_command(bytes(message.payload))
+        self.publish_other(uplink.topic("cmd/result"), orjson.dumps(result))
+
     async def connect(self) -> None:
         cfg = self.uplink.cfg
         kwargs: dict[str, Any] = {}
@@ -195,6 +204,7 @@ class Uplink:
         self.version = version
         self.config_version = config_version
         self.health = health
+        self.on_command: Callable[[bytes], dict[str, Any]] | None = None
         self.started = int(time.time() * 1000)
         self.root = f"{cfg.prefix}/{identity.enterprise}/{identity.id}"
         self.client_id = cfg.client_id or f"{identity.enterprise}-{identity.id}"
@@ -293,6 +303,8 @@ class Uplink:
 
     async def _serve(self, session: _Session) -> None:
         session.publish_other(self.topic("status"), self.online_payload(), retain=True)
+        if self.on_command is not None:
+            session.client.subscribe(self.topic("cmd"), qos=1)
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(session.misc()), tg.create_task(self._send(session))]
             if self.health is not None:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 KINDS = ("data", "alarm", "status", "health")
 # Platform → agent exchanges reserved for a later contract version; seen on `{prefix}/#` but not checked.
-RESERVED_KINDS = frozenset({"config/set", "config/result", "cmd", "cmd/result"})
+RESERVED_KINDS = frozenset({"config/set", "config/result"})
 MAX_GAPS_LISTED = 100_000
 
 Value = float | bool | None
@@ -197,6 +197,8 @@ def load_validators(schema_dir: Path = SCHEMA_DIR) -> dict[str, jsonschema.proto
         schema = orjson.loads((schema_dir / f"{kind}.schema.json").read_bytes())
         jsonschema.Draft202012Validator.check_schema(schema)
         validators[kind] = jsonschema.Draft202012Validator(schema)
+    result_schema = orjson.loads((schema_dir / "cmd-result.schema.json").read_bytes())
+    validators["cmd/result"] = jsonschema.Draft202012Validator(result_schema)
     return validators
 
 
@@ -252,6 +254,7 @@ class PlatformSimulator:
         self._readings: list[Reading] = []
         self._alarms: list[dict[str, Any]] = []
         self._statuses: list[dict[str, Any]] = []
+        self._results: list[dict[str, Any]] = []
         self._health: list[dict[str, Any]] = []
         self._errors: list[str] = []
         self._agents: dict[tuple[str, str], _AgentState] = {}
@@ -416,7 +419,10 @@ class PlatformSimulator:
             self._reject(f"{topic}: not a topic {self.prefix}/{{enterprise}}/{{agent}}/{{kind}}")
             return
         enterprise, agent, kind = parts
-        if kind in RESERVED_KINDS:
+        if kind in RESERVED_KINDS or kind == "cmd":  # `cmd` is what this platform itself sends
+            return
+        if kind == "cmd/result":
+            self._keep_result(topic, payload)
             return
         if kind not in KINDS:
             self._reject(f"{topic}: unknown message kind {kind!r}")
@@ -457,6 +463,47 @@ class PlatformSimulator:
                 hook(topic, msg)
             except Exception:
                 log.exception("the on_message hook failed on %s", topic)
+
+    def _keep_result(self, topic: str, payload: bytes | bytearray) -> None:
+        try:
+            msg = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            self._reject(f"{topic}: not UTF-8 JSON ({exc}): {payload[:80]!r}")
+            return
+        if self.validate and "cmd/result" in self._validators:
+            errors = [_describe(e) for e in itertools.islice(self._validators["cmd/result"].iter_errors(msg), 3)]
+            if errors:
+                self._reject(f"{topic}: " + "; ".join(errors))
+                return
+        with self._lock:
+            self._results.append(msg)
+        hook = self.on_message
+        if hook is not None:
+            try:
+                hook(topic, msg)
+            except Exception:
+                log.exception("the on_message hook failed on %s", topic)
+
+    def command(self, enterprise: str, agent: str, body: dict[str, Any]) -> None:
+        """Send a command to an agent (topic cmd, QoS 1); its result arrives in `command_results()`."""
+        client = self._client
+        if client is None:
+            raise PlatformSimulatorError("the platform simulator is not started")
+        client.publish(f"{self.prefix}/{enterprise}/{agent}/cmd", orjson.dumps({"v": 1, **body}), qos=1)
+
+    def command_results(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._results)
+
+    def result_of(self, cmd_id: str, timeout: float = 10.0) -> dict[str, Any] | None:
+        """Wait for the result of one command."""
+        found: list[dict[str, Any]] = []
+
+        def arrived(p: PlatformSimulator) -> bool:
+            found[:] = [r for r in p.command_results() if r.get("id") == cmd_id]
+            return bool(found)
+
+        return found[0] if self.wait_for(arrived, timeout) else None
 
     def _keep(self, enterprise: str, agent: str, kind: str, msg: dict[str, Any]) -> None:
         if kind == "status":

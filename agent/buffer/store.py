@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS archive (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS archive_by_end ON archive(end);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alarm_state (id TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -327,6 +328,16 @@ class Store:
             "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
             (key, amount),
         )
+
+    # --- alarm states ----------------------------------------------------------------------------
+
+    def save_alarm_states(self, states: dict[str, str]) -> None:
+        """Replace the saved alarm states (call inside the transaction that stores their events)."""
+        self.db.execute("DELETE FROM alarm_state")
+        self.db.executemany("INSERT INTO alarm_state (id, state) VALUES (?, ?)", sorted(states.items()))
+
+    def alarm_states(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT id, state FROM alarm_state"))
 
     # --- the archive -------------------------------------------------------------------------------
 

@@ -1,0 +1,76 @@
+"""The control socket: a Unix socket where the local CLI asks the running daemon (status, alarms, reset).
+
+One JSON object per line each way, handled by the same command handler as the platform's `cmd` topic. A
+socket that cannot be opened is logged and skipped; it never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+_LIMIT = 64 * 1024
+
+
+class ControlServer:
+    def __init__(self, path: Path, handle: Callable[[bytes, str], dict[str, Any]]) -> None:
+        self.path = path
+        self.handle = handle
+
+    async def run(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # left by a killed daemon
+            server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=_LIMIT)
+            os.chmod(self.path, 0o660)
+        except OSError as exc:
+            log.warning("control socket %s unavailable (%s): `edge-agent alarms` will not reach this daemon",
+                        self.path, exc)
+            return
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            result = self.handle(line.strip(), "local")
+            writer.write(orjson.dumps(result) + b"\n")
+            await writer.drain()
+        except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
+            log.debug("control socket client dropped: %s", exc)
+        finally:
+            writer.close()
+
+
+async def ask(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request to the daemon and return its result; ConnectionError when no daemon answers."""
+    request = {"v": 1, "id": f"local-{uuid.uuid4().hex[:12]}", **request}
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=_LIMIT), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(f"no agent answers on {path} ({exc}); is it running, and is this its config?") from None
+    try:
+        writer.write(orjson.dumps(request) + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+    if not line:
+        raise ConnectionError(f"the agent on {path} closed the connection without an answer")
+    result: dict[str, Any] = orjson.loads(line)
+    return result

@@ -1,0 +1,195 @@
+"""The domain rules at their edges, fed real reading batches through the real engine: latching and reset, rate of
+change, detector fault, crowding, production during an ordered shutdown, daily energy, and state over a restart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agent.alarms import AlarmEngine, AlarmEvent, ResetRefused
+from agent.config import AgentConfig, parse_config
+from agent.decode import BAD, GOOD, ReadingBatch
+from agent.energy import DailyEnergy
+from agent.points import PointTable
+
+SITE = """
+agent: {id: a1, enterprise: "e1"}
+zones:
+  - {id: Z1, name: 罐区, head_count: HC-1, limit: 5, color: red, duration: 60s}
+power:
+  meters:
+    - {id: M1, active_power: P-1, total_energy: E-1, idle_kw: 5, delay: 15m, daily_energy: E-1.day}
+channels:
+  - id: c1
+    driver: modbus_tcp
+    host: 127.0.0.1
+    devices:
+      - id: d1
+        points:
+          - {id: GT-201, address: 0, unit: "%LEL", gas: {kind: combustible}, limits: {deadband: 1, delay: 2s}}
+          - {id: GT-201-F, address: 1, fault_of: GT-201}
+          - {id: LT-101, address: 2, type: float32, unit: m, limits: {high: 9, rate_rise: 0.5, rate_window: 60s}}
+          - {id: HC-1, address: 4}
+          - {id: P-1, address: 5, type: float32, unit: kW}
+          - {id: E-1, address: 7, type: float32, unit: kWh}
+"""
+
+
+def engine(text: str = SITE) -> tuple[AlarmEngine, AgentConfig]:
+    config = parse_config(text)
+    return AlarmEngine(PointTable(config), config), config
+
+
+def feed(eng: AlarmEngine, t_s: float, point: str, value: Any) -> list[tuple[str, str]]:
+    info = eng.table.by_id[point]
+    quality = BAD if value is None else GOOD
+    events = eng.evaluate(ReadingBatch(int(t_s * 1000), [info.index], [value], [quality]))
+    return [(e.id, e.state) for e in events]
+
+
+def test_combustible_gas_gets_the_standard_levels_and_latches() -> None:
+    _, config = engine()
+    point = config.points()[0][2]
+    assert point.limits is not None and (point.limits.high, point.limits.high_high) == (25.0, 50.0)
+    assert point.latches()
+
+
+def test_latched_gas_alarm_stays_after_the_value_falls_until_reset() -> None:
+    eng, _ = engine()
+    assert feed(eng, 0, "GT-201", 30) == []
+    assert feed(eng, 2, "GT-201", 30) == [("GT-201/high", "raised")]
+    assert feed(eng, 3, "GT-201", 55) == []
+    assert feed(eng, 5, "GT-201", 55) == [("GT-201/high_high", "raised")]
+    assert feed(eng, 6, "GT-201", 3) == []  # back to clean air: nothing, the alarms hold
+    assert eng.active() == ["GT-201/high", "GT-201/high_high"]
+    event = eng.reset("GT-201/high_high", 7000)
+    assert (event.id, event.state, event.ts) == ("GT-201/high_high", "reset", 7000)
+    assert eng.active() == ["GT-201/high"]
+
+
+def test_reset_is_refused_while_the_gas_is_still_there_and_for_unknown_or_quiet_alarms() -> None:
+    eng, _ = engine()
+    feed(eng, 0, "GT-201", 30)
+    feed(eng, 2, "GT-201", 30)
+    with pytest.raises(ResetRefused, match="still present"):
+        eng.reset("GT-201/high", 3000)
+    with pytest.raises(ResetRefused, match="no alarm 'GT-999/high'"):
+        eng.reset("GT-999/high", 3000)
+    with pytest.raises(ResetRefused, match="not raised"):
+        eng.reset("GT-201/high_high", 3000)
+
+
+def test_a_latched_alarm_that_comes_back_before_reset_is_not_raised_twice() -> None:
+    eng, _ = engine()
+    feed(eng, 0, "GT-201", 30)
+    feed(eng, 2, "GT-201", 30)
+    assert feed(eng, 3, "GT-201", 10) == []
+    assert feed(eng, 4, "GT-201", 30) == []
+    assert feed(eng, 10, "GT-201", 30) == []
+    with pytest.raises(ResetRefused):
+        eng.reset("GT-201/high", 11000)
+
+
+def test_detector_fault_is_its_own_event_on_the_detector() -> None:
+    eng, _ = engine()
+    assert feed(eng, 0, "GT-201-F", 1) == [("GT-201/fault", "raised")]
+    assert feed(eng, 1, "GT-201-F", 1) == []
+    assert feed(eng, 2, "GT-201-F", 0) == [("GT-201/fault", "cleared")]
+    assert "GT-201/high" not in eng.active()
+
+
+def test_rate_of_rise_over_its_window() -> None:
+    eng, _ = engine()
+    events: list[tuple[str, str]] = []
+    for t in range(0, 61, 5):  # 0.3 m/min: slow fill, no alarm
+        events += feed(eng, t, "LT-101", 5 + 0.3 * t / 60)
+    assert events == []
+    level = 5 + 0.3
+    for t in range(65, 130, 5):  # 1.2 m/min: fast rise
+        level += 0.1
+        events += feed(eng, t, "LT-101", level)
+    assert events[0] == ("LT-101/rate", "raised")
+    for t in range(130, 260, 5):  # steady again
+        events += feed(eng, t, "LT-101", level)
+    assert events[-1] == ("LT-101/rate", "cleared")
+
+
+def test_rate_event_carries_the_rate_and_its_unit() -> None:
+    eng, _ = engine()
+    info = eng.table.by_id["LT-101"]
+    got: list[AlarmEvent] = []
+    for t in range(0, 70, 10):
+        got += eng.evaluate(ReadingBatch(t * 1000, [info.index], [5.0 + t / 60], [GOOD]))
+    assert got and got[0].type == "rate" and got[0].unit == "m/min" and got[0].limit == 0.5
+    assert got[0].value == pytest.approx(1.0, rel=0.01)
+
+
+@pytest.mark.parametrize(("hold_s", "raised"), [(59.9, False), (60.0, True)])
+def test_crowding_needs_more_than_its_duration(hold_s: float, raised: bool) -> None:
+    eng, _ = engine()
+    events = feed(eng, 0, "HC-1", 6) + feed(eng, hold_s, "HC-1", 7)
+    assert (("HC-1/crowding", "raised") in events) is raised
+    if raised:
+        assert feed(eng, hold_s + 1, "HC-1", 5) == [("HC-1/crowding", "cleared")]
+
+
+def test_crowding_event_names_zone_and_colour() -> None:
+    eng, _ = engine()
+    info = eng.table.by_id["HC-1"]
+    eng.evaluate(ReadingBatch(0, [info.index], [9], [GOOD]))
+    (event,) = eng.evaluate(ReadingBatch(61_000, [info.index], [9], [GOOD]))
+    assert (event.zone, event.color, event.limit, event.value) == ("Z1", "red", 5.0, 9)
+
+
+def test_halt_violation_only_while_halted_and_after_its_delay() -> None:
+    eng, _ = engine()
+    assert feed(eng, 0, "P-1", 200.0) + feed(eng, 1000, "P-1", 200.0) == []  # normal: production is fine
+    eng.set_halted(True, 1_000_000)
+    assert feed(eng, 1001, "P-1", 200.0) == []
+    assert feed(eng, 1001 + 899, "P-1", 200.0) == []
+    assert feed(eng, 1001 + 900, "P-1", 200.0) == [("P-1/halt_violation", "raised")]
+    assert feed(eng, 2000, "P-1", 3.0) == [("P-1/halt_violation", "cleared")]
+    feed(eng, 3000, "P-1", 200.0)
+    feed(eng, 3900, "P-1", 200.0)
+    assert [(e.id, e.state) for e in eng.set_halted(False, 3_950_000)] == [("P-1/halt_violation", "cleared")]
+
+
+def test_state_survives_a_restart_without_a_second_raise_and_with_the_missed_clear() -> None:
+    eng, config = engine()
+    feed(eng, 0, "GT-201", 30)
+    feed(eng, 2, "GT-201", 30)  # latched high
+    feed(eng, 2, "HC-1", 9)
+    feed(eng, 70, "HC-1", 9)  # crowding raised
+    feed(eng, 70, "LT-101", None)
+    saved = eng.states()
+    again = AlarmEngine(PointTable(config), config)
+    assert again.load(saved, 80_000) == []
+    assert feed(again, 81, "GT-201", 30) == []  # still raised: no second raise
+    assert feed(again, 82, "HC-1", 2) == [("HC-1/crowding", "cleared")]  # cleared while we were away
+    assert feed(again, 83, "GT-201", 2) == []  # latched: waits for its reset
+    assert again.reset("GT-201/high", 84_000).state == "reset"
+    assert again.load({"GONE-1/high": "raised"}, 0) == ["GONE-1/high"]
+
+
+def test_daily_energy_counts_rollover_reset_and_midnight() -> None:
+    day = DailyEnergy(rollover=1_000_000.0)
+    t0 = 1_764_340_000_000  # some time on a day; the day is taken in local time
+    assert day.update(999_990.0, t0) == 0.0
+    assert day.update(999_999.0, t0 + 60_000) == 9.0
+    assert day.update(5.0, t0 + 120_000) == 15.0  # wrapped at 1,000,000
+    assert day.update(0.5, t0 + 180_000) == 15.5  # meter replaced: counts from its new reading
+    restored = DailyEnergy(rollover=1_000_000.0)
+    restored.restore(day.save())
+    assert restored.update(2.5, t0 + 240_000) == 17.5  # a restart loses nothing
+    assert restored.update(3.5, t0 + 86_400_000) == 1.0  # the next day starts from zero
+
+
+def test_gas_limits_beyond_the_standard_are_refused_naming_it() -> None:
+    text = SITE.replace("gas: {kind: combustible}, limits: {deadband: 1, delay: 2s}",
+                        "gas: {kind: combustible}, limits: {high: 30, high_high: 60, delay: 90s}")
+    with pytest.raises(Exception) as info:
+        parse_config(text)
+    message = str(info.value)
+    assert "GB/T 50493" in message and "25" in message and "60" in message
