@@ -45,7 +45,7 @@ _BULK_ENDIAN = {"ABCD": (">", ">"), "DCBA": ("<", ">"), "CDAB": ("<", "<"), "BAD
 PULL = 0.05
 """Share of the distance to the band's centre a walked value recovers each tick (mean reversion)."""
 
-SCENARIOS = ("gas_leak", "tank_overfill")
+SCENARIOS = ("gas_leak", "tank_overfill", "detector_fault")
 
 
 def _raw_of(point: ModbusPoint, value: float) -> float | int:
@@ -490,7 +490,20 @@ class PlantSimulator:
     # --- scenarios ---
 
     def scenarios(self) -> list[str]:
-        return list(SCENARIOS)
+        """The scenarios this plant can play (each needs its kind of point)."""
+        targets: dict[str, Callable[[], object]] = {
+            "gas_leak": lambda: self._first_point("gas point", lambda p: p.domain == "gas" and p.unit == "%LEL"),
+            "tank_overfill": lambda: self._first_point("level", lambda p: p.domain == "hazard" and p.unit == "m"),
+            "detector_fault": lambda: self._first_status("fault status", lambda p: p.fault_of is not None),
+        }
+        playable = []
+        for name in SCENARIOS:
+            try:
+                targets[name]()
+            except ValueError:
+                continue
+            playable.append(name)
+        return playable
 
     async def run_scenario(self, name: str, *, speed: float | None = None) -> None:
         if name not in SCENARIOS:
@@ -569,6 +582,30 @@ class PlantSimulator:
         """The first level point (domain hazard, unit m) fills past high and high_high, then is drawn down."""
         point = self._first_point("hazard level point in m", lambda p: p.domain == "hazard" and p.unit == "m")
         await self._excursion("tank_overfill", point, (30.0, 10.0, 15.0, 10.0, 30.0), speed)
+
+
+    async def detector_fault(self, *, speed: float | None = None) -> None:
+        """The first detector fault status (a point with `fault_of`) goes on, holds, and goes off again."""
+        pace = speed or self.speed
+        point = self._first_status("detector fault status", lambda p: p.fault_of is not None)
+        try:
+            log.info("scenario detector_fault: %s (fault of %s) on", point.id, point.fault_of)
+            self.set_value(point.id, True)
+            await asyncio.sleep(15.0 / pace)
+            log.info("scenario detector_fault: %s off", point.id)
+            self.set_value(point.id, False)
+            await asyncio.sleep(5.0 / pace)
+        finally:
+            self.release(point.id)
+        log.info("scenario detector_fault: done")
+
+    def _first_status(self, what: str, match: Callable[[ModbusPoint], bool]) -> ModbusPoint:
+        for channel in self.config.channels:
+            for device in getattr(channel, "devices", []):
+                for point in device.points:
+                    if isinstance(point, ModbusPoint) and match(point):
+                        return point
+        raise ValueError(f"no {what} is configured")
 
 
 # --- the benchmark's plant ---------------------------------------------------------------------------

@@ -193,3 +193,56 @@ def plant() -> Iterator[Any]:
     yield make
     for thread in started:
         thread.stop()
+
+
+class LoopThread:
+    """An event loop in a thread, for simulators a synchronous test drives (`run` a coroutine, `call` a function)."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="simulators")
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 120) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        async def invoke() -> Any:
+            result = fn(*args)
+            if hasattr(result, "__await__"):
+                result = await result
+            return result
+
+        return self.run(invoke())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def sims() -> Iterator[Any]:
+    """Start simulators on a loop thread: `sims.start(sim)` returns it started; all are stopped at the end."""
+    thread = LoopThread()
+    started: list[Any] = []
+
+    class Starter:
+        loop = thread
+
+        def start(self, sim: Any) -> Any:
+            thread.run(sim.start())
+            started.append(sim)
+            return sim
+
+    yield Starter()
+    for sim in reversed(started):
+        try:
+            thread.run(sim.stop(), 30)
+        except Exception:  # a simulator that fails to stop must not hide the test's own result
+            pass
+    thread.close()
