@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -241,8 +242,7 @@ def sims() -> Iterator[Any]:
 
     yield Starter()
     for sim in reversed(started):
-        try:
+        # a simulator that fails to stop must not hide the test's own result
+        with contextlib.suppress(Exception):
             thread.run(sim.stop(), 30)
-        except Exception:  # a simulator that fails to stop must not hide the test's own result
-            pass
     thread.close()

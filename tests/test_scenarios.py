@@ -4,6 +4,7 @@ events at the platform simulator; and the platform's commands (reset, production
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ def test_production_during_an_ordered_shutdown_raises_halt_violation(
     assert agent.stop() == 0
     assert events(platform, "PW-M1") == [("halt_violation", "raised"), ("halt_violation", "cleared")]
     daily = [r for r in platform.readings() if r.point == "EP-M1.day"]
-    assert daily and daily[-1].value > 0 and all(b.value >= a.value for a, b in zip(daily, daily[1:], strict=False))
+    assert daily and daily[-1].value > 0 and all(b.value >= a.value for a, b in itertools.pairwise(daily))
     platform.stop()
 
 
