@@ -301,10 +301,10 @@ async def _demo(duration: float | None, broker_arg: str | None, config_path: Pat
             if child.returncode is None:
                 child.terminate()
                 await child.wait()
-    return _summary(console, platform, workdir, agent.returncode)
+    return _summary(console, platform, workdir, agent.returncode, site)
 
 
-def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | None) -> bool:
+def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | None, site: AgentConfig) -> bool:
     report = platform.report()
     with Store(workdir / "store.db") as store:
         last_seq = store.last_seq()
@@ -336,10 +336,18 @@ def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | Non
         ("seq gaps (lost)", len(lost)),
         ("schema errors", len(platform.schema_errors())),
     ]
+    driver_of = {p.id: ch.driver for ch, _, p in site.points()}
+    by_protocol = dict.fromkeys(sorted({ch.driver for ch in site.channels}), 0)
+    for reading in platform.readings():
+        driver = driver_of.get(reading.point)
+        if driver is not None and reading.quality != "bad":
+            by_protocol[driver] += 1
+    rows += [(f"valid readings via {driver}", count) for driver, count in by_protocol.items()]
     for what, count in rows:
         table.add_row(what, str(count))
     console.print(table)
-    ok = not lost and agent_rc == 0 and last_seq > 0 and not platform.schema_errors()
+    silent = [driver for driver, count in by_protocol.items() if count == 0]
+    ok = not lost and agent_rc == 0 and last_seq > 0 and not platform.schema_errors() and not silent
     if ok:
         console.print(f"[bold green]nothing lost[/] (files in {workdir})")
     else:
@@ -350,6 +358,8 @@ def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | Non
             why.append(f"agent exit code {agent_rc}")
         if last_seq == 0:
             why.append("the agent stored nothing")
+        if silent:
+            why.append(f"no valid reading via {', '.join(silent)}")
         if platform.schema_errors():
             why.append(f"schema errors, e.g. {platform.schema_errors()[0]}")
         console.print(f"[bold red]FAILED[/]: {'; '.join(why)} (files in {workdir})")

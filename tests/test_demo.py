@@ -18,6 +18,9 @@ def test_demo_with_the_embedded_broker_delivers_everything_and_exits_0() -> None
     assert "the embedded broker" in result.stdout
     assert "nothing lost" in result.stdout
     assert "seq gaps (lost)" in result.stdout
+    for protocol in ("modbus_tcp", "modbus_rtu", "opcua", "dlt645"):  # config/demo.yaml uses all four
+        line = next(line for line in result.stdout.splitlines() if f"valid readings via {protocol}" in line)
+        assert int(line.split("│")[-2].strip()) > 0, line
 
 
 @pytest.mark.timeout(30)

@@ -362,7 +362,8 @@ def test_command_line_prints_messages_and_exits_1_on_a_gap(broker: int, publish:
 
 # -- the contract documents -----------------------------------------------------------------------------------
 
-EXAMPLE = re.compile(r"<!-- example: (\w+) -->\n```json\n(.*?)\n```", re.DOTALL)
+EXAMPLE = re.compile(r"<!-- example: ([\w-]+) -->\n```json\n(.*?)\n```", re.DOTALL)
+COMMAND_KINDS = ("cmd", "cmd-result")
 
 
 def protocol_examples() -> list[tuple[str, dict[str, Any]]]:
@@ -376,7 +377,11 @@ def protocol_examples() -> list[tuple[str, dict[str, Any]]]:
 def test_every_example_in_the_protocol_page_validates_against_its_schema() -> None:
     validators = load_validators()
     examples = protocol_examples()
-    assert {kind for kind, _ in examples} == set(KINDS)
+    assert {kind for kind, _ in examples} == set(KINDS) | set(COMMAND_KINDS)
+    import jsonschema  # type: ignore[import-untyped,unused-ignore]
+
+    validators["cmd"] = jsonschema.Draft202012Validator(json.loads((ROOT / "docs/schemas/cmd.schema.json").read_text()))
+    validators["cmd-result"] = validators["cmd/result"]
     for kind, example in examples:
         errors = [f"{e.json_path}: {e.message}" for e in validators[kind].iter_errors(example)]
         assert errors == [], f"{kind} example {example}"
@@ -386,7 +391,7 @@ def test_every_example_in_the_protocol_page_validates_against_its_schema() -> No
 def test_every_example_in_the_protocol_page_is_accepted_by_the_platform(
     platform: PlatformSimulator, publish: Publish, prefix: str
 ) -> None:
-    examples = protocol_examples()
+    examples = [(kind, example) for kind, example in protocol_examples() if kind in KINDS]
     for kind, example in examples:
         publish(f"{prefix}/{example['enterprise']}/{example['agent']}/{kind}", example)
     wait_received(platform, len(examples))
