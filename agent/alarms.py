@@ -9,7 +9,7 @@ The engine's state can be saved and loaded, so a restart neither raises twice no
 
 from __future__ import annotations
 
-from collections import deque
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -138,27 +138,48 @@ class LimitRule(Rule):
 
 
 class RateRule(Rule):
-    """Rate of change over a window, in the point's unit per minute."""
+    """Rate of change over a window, in the point's unit per minute.
 
-    __slots__ = ("fall", "history", "rise", "window_ms")
+    It keeps at most _SLOTS samples, one every window/8, in two small arrays: 10,000 points with a rate
+    rule cost a few MB, not one Python object per reading in the window.
+    """
+
+    __slots__ = ("count", "fall", "rise", "stamps", "step_ms", "values", "window_ms")
+
+    _SLOTS = 10
 
     def __init__(self, info: PointInfo, rise: float | None, fall: float | None, window: float, latch: bool) -> None:
         super().__init__(info, "rate", 1, rise if rise is not None else fall, 0.0, latch, unit=f"{info.unit}/min")
         self.rise = rise
         self.fall = fall
         self.window_ms = round(window * 1000)
-        self.history: deque[tuple[int, float]] = deque()
+        self.step_ms = max(1, self.window_ms // 8)
+        self.stamps = array("q", bytes(8 * self._SLOTS))
+        self.values = array("d", bytes(8 * self._SLOTS))
+        self.count = 0  # samples kept, oldest first
+
+    def _keep(self, ts: int, value: float) -> None:
+        n = self.count
+        if n and ts - self.stamps[n - 1] < self.step_ms:
+            return  # close to the last kept sample: the window needs no more detail
+        if n == self._SLOTS:
+            self.stamps[:-1] = self.stamps[1:]
+            self.values[:-1] = self.values[1:]
+            n -= 1
+        self.stamps[n] = ts
+        self.values[n] = value
+        self.count = n + 1
 
     def feed(self, value: float, ts: int) -> AlarmEvent | None:
-        history = self.history
-        history.append((ts, value))
-        while len(history) > 2 and ts - history[1][0] >= self.window_ms:
-            history.popleft()
-        first_ts, first_value = history[0]
-        span = ts - first_ts
+        self._keep(ts, value)
+        # the oldest kept sample that is still inside the window (or the only one old enough)
+        first = 0
+        while first + 1 < self.count and ts - self.stamps[first + 1] >= self.window_ms:
+            first += 1
+        span = ts - self.stamps[first]
         if span < self.window_ms // 2 or span <= 0:
             return None  # too short a look to call it a trend
-        rate = (value - first_value) / span * 60_000
+        rate = (value - self.values[first]) / span * 60_000
         too_fast_up = self.rise is not None and rate >= self.rise
         too_fast_down = self.fall is not None and -rate >= self.fall
         if too_fast_up or too_fast_down:
@@ -167,7 +188,7 @@ class RateRule(Rule):
 
     def hold(self) -> None:
         super().hold()
-        self.history.clear()
+        self.count = 0
 
 
 class FaultRule(Rule):

@@ -172,6 +172,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     data = synthetic_data(args.points, interval=args.interval, port=1, per_device=args.per_device,
                           uplink_port=broker.port, store=str(store_path))
     data["uplink"].update({"prefix": PREFIX, "reconnect_min": 0.2, "reconnect_max": 1})
+    if args.all_rules:
+        # every rule that applies to a process value is evaluated: limits, on-delay, rate of change
+        for channel in data["channels"]:
+            for device in channel["devices"]:
+                for point in device["points"]:
+                    point["limits"].update({"rate_rise": 500.0, "rate_window": 30.0, "deadband": 0.5})
     data["log_level"] = "warning"
     for channel in data["channels"]:
         channel["port"] = plant.ports[channel["id"]]
@@ -278,6 +284,8 @@ def main() -> None:
     parser.add_argument("--per-device", type=int, default=1000, help="points per Modbus unit (default 1000)")
     parser.add_argument("--outage", type=float, default=20.0,
                         help="seconds of broker outage before measuring the backlog drain (0: skip; default 20)")
+    parser.add_argument("--limits-only", dest="all_rules", action="store_false",
+                        help="only four-level limits on each point (default: limits and rate of change)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if args.points < 1 or args.interval <= 0 or args.duration <= 0:
