@@ -30,6 +30,7 @@ from typing import Any
 
 from agent.config import AgentConfig, load_config
 from agent.drivers.dlt645 import Dlt645Channel, Dlt645Device, Dlt645Point
+from simulators.scenario import ScenarioPlayer
 
 log = logging.getLogger("simulators.dlt645")  # not __main__ when run with -m
 
@@ -296,13 +297,15 @@ class _Bus:
 # --- the simulator ---------------------------------------------------------------------------------------
 
 
-class Dlt645BusSimulator:
+class Dlt645BusSimulator(ScenarioPlayer):
     """Serves every `dlt645` channel of `config` on a pseudo-terminal, one meter per distinct address.
 
     The agent opens `folder/ttyMeter-<channel id>` (see `channel_overrides`). Each meter answers after
     `response_delay` (20-500 ms, as the standard allows) plus the wire time of the request and of its reply at
     the channel's baud rate. Values are engineering units (after the point's scale and offset) throughout.
     """
+
+    SCENARIOS = SCENARIOS
 
     def __init__(
         self,
@@ -682,29 +685,6 @@ class Dlt645BusSimulator:
 
     def scenarios(self) -> list[str]:
         return list(SCENARIOS)
-
-    async def run_scenario(self, name: str, *, speed: float | None = None) -> None:
-        if name not in SCENARIOS:
-            raise ValueError(f"no scenario {name!r} (one of {', '.join(SCENARIOS)})")
-        await self.production_during_shutdown(speed=speed)
-
-    def start_scenario(self, name: str, *, speed: float | None = None, loop: bool = False,
-                       pause: float = 30.0) -> asyncio.Task[None]:
-        """Run a scenario as a task the simulator owns (cancelled by `stop`); with loop, again after `pause`."""
-        if name not in SCENARIOS:
-            raise ValueError(f"no scenario {name!r} (one of {', '.join(SCENARIOS)})")
-
-        async def repeat() -> None:
-            while True:
-                await self.run_scenario(name, speed=speed)
-                if not loop:
-                    return
-                await asyncio.sleep(pause / (speed or self.speed))
-
-        task = asyncio.create_task(repeat(), name=f"scenario {name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     def _power_point(self) -> Dlt645Point:
         for served in self._points.values():

@@ -28,6 +28,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from agent.config import AgentConfig, load_config, validate_config_data
 from agent.drivers.modbus import BIT_TABLES, REGISTERS, ModbusDevice, ModbusPoint, encode
 from agent.drivers.modbus_tcp import ModbusTcpChannel
+from simulators.scenario import ScenarioPlayer
 
 log = logging.getLogger("simulators.modbus")  # not __main__ when run with -m
 
@@ -252,12 +253,14 @@ class _Done:
 # --- the simulator -----------------------------------------------------------------------------------
 
 
-class PlantSimulator:
+class PlantSimulator(ScenarioPlayer):
     """Serves every `modbus_tcp` channel of `config` on `host`, one TCP server per channel, one unit per unit id.
 
     `ports` maps channel id to the port to serve on instead of the configured one (0 picks a free port); the
     ports really used are in `ports` once started. Values are engineering units throughout.
     """
+
+    SCENARIOS = SCENARIOS
 
     def __init__(
         self,
@@ -504,30 +507,6 @@ class PlantSimulator:
                 continue
             playable.append(name)
         return playable
-
-    async def run_scenario(self, name: str, *, speed: float | None = None) -> None:
-        if name not in SCENARIOS:
-            raise ValueError(f"no scenario {name!r} (one of {', '.join(SCENARIOS)})")
-        scenario: Callable[..., Awaitable[None]] = getattr(self, name)
-        await scenario(speed=speed)
-
-    def start_scenario(self, name: str, *, speed: float | None = None, loop: bool = False,
-                       pause: float = 30.0) -> asyncio.Task[None]:
-        """Run a scenario as a task the simulator owns (cancelled by `stop`); with loop, again after `pause`."""
-        if name not in SCENARIOS:
-            raise ValueError(f"no scenario {name!r} (one of {', '.join(SCENARIOS)})")
-
-        async def repeat() -> None:
-            while True:
-                await self.run_scenario(name, speed=speed)
-                if not loop:
-                    return
-                await asyncio.sleep(pause / (speed or self.speed))
-
-        task = asyncio.create_task(repeat(), name=f"scenario {name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     def _first_point(self, what: str, match: Callable[[ModbusPoint], bool]) -> ModbusPoint:
         for served in self._points.values():

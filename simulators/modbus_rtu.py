@@ -32,6 +32,7 @@ from agent.config import AgentConfig, load_config
 from agent.drivers.modbus import BIT_TABLES, REGISTERS, ModbusDevice, ModbusPoint
 from agent.drivers.modbus_rtu import ModbusRtuChannel, ModbusRtuTcpChannel
 from simulators.modbus import _INT_BOUNDS, _engineering, _raw_of, _Run, _Served, _Unit, normal_band
+from simulators.scenario import ScenarioPlayer
 
 log = logging.getLogger("simulators.modbus_rtu")  # not __main__ when run with -m
 
@@ -304,13 +305,15 @@ class _Bus:
 # --- the simulator ---------------------------------------------------------------------------------------
 
 
-class RtuBusSimulator:
+class RtuBusSimulator(ScenarioPlayer):
     """Serves every `modbus_rtu` channel of `config` on a pty whose slave side is linked at
     `folder/ttyRS485-<channel id>`, and every `modbus_rtu_tcp` channel on a TCP port of `host`.
 
     `ports` maps a `modbus_rtu_tcp` channel id to the port to listen on; unlisted channels get a free port.
     `channel_overrides()` says what the agent must use to reach each channel. Values are engineering units.
     """
+
+    SCENARIOS = SCENARIOS
 
     def __init__(
         self,
@@ -549,29 +552,6 @@ class RtuBusSimulator:
 
     def scenarios(self) -> list[str]:
         return list(SCENARIOS)
-
-    async def run_scenario(self, name: str, *, speed: float | None = None) -> None:
-        if name not in SCENARIOS:
-            raise ValueError(f"no scenario {name!r} (one of {', '.join(SCENARIOS)})")
-        await self.gas_leak(speed=speed)
-
-    def start_scenario(self, name: str, *, speed: float | None = None, loop: bool = False,
-                       pause: float = 30.0) -> asyncio.Task[None]:
-        """Run a scenario as a task the simulator owns (cancelled by `stop`); with loop, again after `pause`."""
-        if name not in SCENARIOS:
-            raise ValueError(f"no scenario {name!r} (one of {', '.join(SCENARIOS)})")
-
-        async def repeat() -> None:
-            while True:
-                await self.run_scenario(name, speed=speed)
-                if not loop:
-                    return
-                await asyncio.sleep(pause / (speed or self.speed))
-
-        task = asyncio.create_task(repeat(), name=f"scenario {name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     async def _ramp(self, point: ModbusPoint, target: float, seconds: float, pace: float) -> None:
         start = float(self.value(point.id))

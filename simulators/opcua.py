@@ -35,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.config import AgentConfig, load_config
 from agent.drivers.opcua import CLIENT_URI, OpcUaChannel, OpcUaPoint
+from simulators.scenario import ScenarioPlayer
 
 log = logging.getLogger("simulators.opcua")  # not __main__ when run with -m
 
@@ -242,7 +243,7 @@ class _Done:
 # --- the simulator -------------------------------------------------------------------------------------
 
 
-class OpcUaSimulator:
+class OpcUaSimulator(ScenarioPlayer):
     """An OPC UA server on `host:port` (0 picks a free port, kept across restarts) at `path`.
 
     With a configuration it serves a variable for every node of its `opcua` channels (integers for the personnel
@@ -251,6 +252,10 @@ class OpcUaSimulator:
     configuration's usernames and `users`, and anonymous unless `anonymous` is False. `trusted`, when given, lists
     the only client certificates accepted (others get BadCertificateUntrusted); when None any client certificate is.
     """
+
+    SCENARIOS = SCENARIOS
+
+    SCENARIOS = SCENARIOS
 
     def __init__(
         self,
@@ -594,30 +599,6 @@ class OpcUaSimulator:
 
     def scenarios(self) -> list[str]:
         return list(SCENARIOS)
-
-    async def run_scenario(self, name: str, *, speed: float | None = None) -> None:
-        if name not in SCENARIOS:
-            raise ValueError(f"no scenario {name!r} (one of {', '.join(SCENARIOS)})")
-        scenario: Callable[..., Awaitable[None]] = getattr(self, name)
-        await scenario(speed=speed)
-
-    def start_scenario(self, name: str, *, speed: float | None = None, loop: bool = False,
-                       pause: float = 30.0) -> asyncio.Task[None]:
-        """Run a scenario as a task the simulator owns (cancelled by `stop`); with loop, again after `pause`."""
-        if name not in SCENARIOS:
-            raise ValueError(f"no scenario {name!r} (one of {', '.join(SCENARIOS)})")
-
-        async def repeat() -> None:
-            while True:
-                await self.run_scenario(name, speed=speed)
-                if not loop:
-                    return
-                await asyncio.sleep(pause / (speed or self.speed))
-
-        task = asyncio.create_task(repeat(), name=f"scenario {name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     def _first(self, what: str, match: Callable[[_Node], bool]) -> _Node:
         for node in self._nodes.values():
