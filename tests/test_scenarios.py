@@ -206,6 +206,11 @@ def test_malformed_and_unknown_commands_get_an_error_result_and_change_nothing(
     assert "alarm: required field is missing" in command(platform, "u2", cmd="reset")["error"]
     assert "no alarm 'NOPE/high'" in command(platform, "u3", cmd="reset", alarm="NOPE/high")["error"]
     assert "unknown field" in command(platform, "u4", cmd="status", extra=1)["error"]
+    client0 = platform._client
+    assert client0 is not None
+    client0.publish(f"sc/{ENTERPRISE}/{AGENT}/cmd", b'{"v": 1, "id": 42, "cmd": "status"}', qos=1)
+    assert platform.wait_for(lambda p: any(r["id"] is None and r["error"].startswith("id:")
+                                           for r in p.command_results()), 10), "a numeric id is a bad id"
     client = platform._client
     assert client is not None
     client.publish(f"sc/{ENTERPRISE}/{AGENT}/cmd", b"{not json", qos=1)
