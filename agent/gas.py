@@ -12,7 +12,8 @@ from typing import Literal
 OelBasis = Literal["MAC", "PC-STEL", "PC-TWA"]
 
 # Where the set-point rules live. The wording of its items 1-4 is confirmed by several public copies; none of them
-# shows the clause number, which is taken from issue 5 and still has to be checked against the printed standard.
+# shows the clause number, which comes from our requirements and still has to be checked against the printed
+# standard.
 SET_POINT_CLAUSE = "GB/T 50493-2019 5.5.3"
 # GB 16808-2008 4.1.3.3 is the controller's alarm-delay clause (GB 16808-2025 names it when moving it to 5.5.1.3).
 DELAY_CLAUSE = "GB 16808-2008 4.1.3.3"
@@ -24,9 +25,9 @@ TOXIC_SECOND_OEL = 2.0  # fraction of OEL: GB/T 50493-2019 5.5.3 item 3, second-
 OXYGEN_LOW = 19.5  # %VOL: GB/T 50493-2019 5.5.3 item 4, deficiency (欠氧) set point "should be" (宜为) 19.5 %VOL
 OXYGEN_HIGH = 23.5  # %VOL: GB/T 50493-2019 5.5.3 item 4, enrichment (过氧) set point "should be" (宜为) 23.5 %VOL
 # s: GB 16808-2008 4.1.3.3, the longest alarm delay a controller may be set to; not to be confused with its
-# response time (it must signal a detector's alarm within 10 s). Both figures are the 2008 text as DESIGN.md
-# and issue 5 quote it; no public copy found confirms the numbers, nor that the 2025 edition (in force since
-# 2026-08-01) keeps them.
+# response time (it must signal a detector's alarm within 10 s). Both figures are the 2008 text as our design
+# and requirements quote it; no public copy found confirms the numbers, nor that the 2025 edition (in force
+# since 2026-08-01) keeps them.
 MAX_ALARM_DELAY_S = 60.0
 
 # L/mol at 20 °C and 101.3 kPa; 24.04 is the conventional 22.4 × 293/273, the exact ideal-gas value 24.06 (0.1 %
