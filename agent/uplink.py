@@ -64,6 +64,7 @@ class _Session:
         self.connected: asyncio.Future[None] = self.loop.create_future()
         self.closed = asyncio.Event()
         self.inflight: dict[int, int] = {}  # paho mid -> seq (only store messages)
+        self.hist_mids: set[int] = set()  # the backlog's share of the in-flight window
         self.other_mids: dict[int, asyncio.Future[None]] = {}
         self.room = asyncio.Event()
         self.room.set()
@@ -126,6 +127,7 @@ class _Session:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
         seq = self.inflight.pop(mid, None)
+        self.hist_mids.discard(mid)
         if seq is not None:
             if rc.is_failure:
                 # v5 broker refused it (e.g. quota, not authorised): keep it stored, resend on the next connection
@@ -162,6 +164,8 @@ class _Session:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
         self.inflight[info.mid] = row.seq
+        if hist:
+            self.hist_mids.add(info.mid)
         return True
 
     def publish_other(self, topic: str, payload: bytes, retain: bool = False) -> asyncio.Future[None]:
@@ -351,8 +355,10 @@ class Uplink:
             tokens = min(float(self.cfg.backlog_rate), tokens + (now - last) * self.cfg.backlog_rate)
             last = now
             room = window - len(session.inflight)
-            # the backlog may use what live traffic leaves of the window, and only half of it
-            backlog_room = min(room, max(1, window // 2)) if room > 0 else 0
+            # the backlog may use what live traffic leaves of the window: half of it, and at most 16 messages
+            # (8,000 readings) in flight, which keeps a drain's memory small and is plenty on any real link
+            backlog_cap = max(1, min(window // 2, 16))
+            backlog_room = min(room, backlog_cap - len(session.hist_mids)) if room > 0 else 0
             if backlog_room > 0 and tokens > 0 and not (backlog_alarms_done and backlog_data_done):
                 if not backlog_alarms_done:
                     rows = self.store.fetch(alarm_after, upto=boundary, kind=KIND_ALARM, limit=backlog_room)
