@@ -9,6 +9,7 @@ The engine's state can be saved and loaded, so a restart neither raises twice no
 
 from __future__ import annotations
 
+import time
 from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,8 +56,8 @@ class ResetRefused(Exception):
 class Rule:
     """Common state of every rule: raised or not, latched or not, and the on-delay timer."""
 
-    __slots__ = ("delay_ms", "info", "kind", "latch", "level", "limit", "pending_since", "pending_value", "state",
-                 "unit")
+    __slots__ = ("delay_ms", "info", "kind", "latch", "level", "limit", "pending_since", "pending_value",
+                 "pending_wall", "state", "unit")
 
     def __init__(self, info: PointInfo, kind: str, level: int, limit: float | None, delay: float, latch: bool,
                  unit: str | None = None) -> None:
@@ -69,6 +70,7 @@ class Rule:
         self.state = NORMAL
         self.pending_since: int | None = None
         self.pending_value: Any = None
+        self.pending_wall = 0.0  # the agent's clock when the on-delay began: a device's clock may be off
         self.unit = info.unit if unit is None else unit
 
     @property
@@ -87,6 +89,7 @@ class Rule:
                 return None
             if self.pending_since is None:
                 self.pending_since = ts
+                self.pending_wall = time.time() * 1000
             self.pending_value = value
             if ts - self.pending_since < self.delay_ms:
                 return None
@@ -109,11 +112,12 @@ class Rule:
 
     def elapse(self, now: int) -> AlarmEvent | None:
         """Time passes with no new reading (a value held still, sent only on change): the on-delay runs on."""
-        if self.state != NORMAL or self.pending_since is None or now - self.pending_since < self.delay_ms:
+        if self.state != NORMAL or self.pending_since is None or now - self.pending_wall < self.delay_ms:
             return None
+        ts = self.pending_since + self.delay_ms  # in the device's time, like the readings' own
         self.pending_since = None
         self.state = RAISED
-        return self.event("raised", self.pending_value, now)
+        return self.event("raised", self.pending_value, ts)
 
     def feed(self, value: Any, ts: int) -> AlarmEvent | None:
         """One good or uncertain reading of the point the rule watches."""

@@ -61,6 +61,9 @@ def run(config_path: Path, log_level: str | None) -> None:
         asyncio.run(Agent(config).run())
     except OSError as exc:
         _fail(f"cannot run: {exc}", 1)
+    except ExceptionGroup as group:  # a task failed: name it plainly, the log has the traceback
+        logging.getLogger("agent").exception("the agent stopped on an error")
+        _fail(f"stopped on an error: {'; '.join(repr(e) for e in group.exceptions)}", 1)
 
 
 @main.group()

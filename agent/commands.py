@@ -54,7 +54,7 @@ class CommandHandler:
         self._reset = reset
         self._set_state = set_production_state
         self._status = status
-        self._done: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._done: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
 
     def handle(self, payload: bytes, source: str = "platform") -> dict[str, Any]:
         """The result of one request; never raises."""
@@ -74,8 +74,13 @@ class CommandHandler:
             command = _validate(raw)
         except ValidationError as exc:
             return self._error(cmd_id, name, "; ".join(_describe(e) for e in exc.errors(include_url=False)))
-        if command.id in self._done:
-            return self._done[command.id]
+        digest = hash(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS))
+        done = self._done.get(command.id)
+        if done is not None:
+            if done[0] != digest:
+                return self._error(command.id, command.cmd, f"id {command.id!r} was already used for another "
+                                                            "command; use a new id")
+            return done[1]
         try:
             result = self._run(command)
             outcome = {"v": 1, "id": command.id, "cmd": command.cmd, "ok": True, "result": result}
@@ -86,7 +91,7 @@ class CommandHandler:
             outcome = self._error(command.id, command.cmd, f"internal error: {exc!r}")
         log.info("%s command %s (%s): %s", source, command.cmd, command.id,
                  "ok" if outcome["ok"] else outcome["error"])
-        self._done[command.id] = outcome
+        self._done[command.id] = (digest, outcome)
         while len(self._done) > _REMEMBERED:
             self._done.popitem(last=False)
         return outcome
@@ -120,4 +125,6 @@ def _describe(error: Any) -> str:
         return f"{loc}: unknown field"
     if error["type"] == "union_tag_not_found":
         return f"cmd: required field is missing (one of {', '.join(KNOWN)})"
+    if error["type"] == "union_tag_invalid":
+        return f"cmd: {error.get('input', {}).get('cmd')!r} is not one of {', '.join(KNOWN)}"
     return f"{loc}: {error['msg']}"

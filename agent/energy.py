@@ -18,20 +18,32 @@ class DailyEnergy:
     day: str = ""
     today: float = 0.0
     last: float | None = None
+    suspect: float | None = None  # an implausible step, waiting for the next reading to confirm it
 
     def update(self, total: float, ts: int) -> float:
-        """Feed one reading of the total register (kWh) at sample time ts (ms); returns today's energy."""
+        """Feed one good reading of the total register (kWh) at sample time ts (ms); returns today's energy.
+
+        A step that no meter makes between two readings (the register going down without wrapping, or jumping
+        by more than 1 % of its span) is believed only when the next reading confirms it: one garbled reply
+        must not book a day's worth of energy."""
         day = time.strftime("%Y-%m-%d", time.localtime(ts / 1000))
         if day != self.day:
             self.day = day
             self.today = 0.0
-        if self.last is not None:
-            delta = total - self.last
-            if delta < 0:
-                # near the top and now near zero: the register wrapped; otherwise it was reset or replaced
-                wrapped = self.last > 0.9 * self.rollover and total < 0.1 * self.rollover
-                delta = (self.rollover - self.last) + total if wrapped else total
-            self.today += delta
+        if self.last is None:
+            self.last = total
+            return round(self.today, 3)
+        delta = total - self.last
+        wrapped = delta < 0 and self.last > 0.9 * self.rollover and total < 0.1 * self.rollover
+        if wrapped:
+            delta = (self.rollover - self.last) + total
+        elif delta < 0 or delta > 0.01 * self.rollover:
+            suspect, self.suspect = self.suspect, total
+            if suspect is None or abs(total - suspect) > 0.001 * self.rollover:
+                return round(self.today, 3)  # wait for a second reading to confirm the step
+            delta = total if delta < 0 else delta  # confirmed: a reset or replaced meter counts from zero
+        self.suspect = None
+        self.today += delta
         self.last = total
         return round(self.today, 3)
 

@@ -32,6 +32,7 @@ from agent.schema import ChannelBase
 log = logging.getLogger(__name__)
 
 _UNKNOWN = 255
+_MAX_UNSTORED_EVENTS = 100_000  # alarm events held in memory while the store refuses writes
 _QUALITY_CODES = {"good": GOOD, "uncertain": UNCERTAIN, "bad": BAD}
 T = TypeVar("T")
 
@@ -62,8 +63,9 @@ class Pipeline:
         self.readings_in = 0
         self.events_out = 0
         self.lost_readings = 0  # readings the store refused (disk full, unreadable file)
+        self._unstored: list[tuple[bytes, int]] = []  # alarm events the store refused, retried first
         self.archive = ArchiveBuffer()
-        self._key_of: list[int] = []
+        self._id_of = [p.id for p in self.table.points]
         self._remap_keys()
         self.production_state = "normal"
         self._restore_state()
@@ -75,13 +77,16 @@ class Pipeline:
             if unknown:
                 log.info("alarms no longer configured, forgotten: %s", ", ".join(sorted(unknown)))
             self.production_state = str(self.store.meta("production_state", "normal"))
-            self.alarms.set_halted(self.production_state == "halted", 0)
+            restored.extend(self.alarms.set_halted(self.production_state == "halted", int(time.time() * 1000)))
             for energy, _, meter in self._energy.values():
                 saved = self.store.meta(f"energy:{meter}")
                 if saved:
                     energy.restore(orjson.loads(saved))
 
+        restored: list[AlarmEvent] = []
         self._guard("restoring alarm and production states", load)
+        if restored:  # a violation saved as raised while the state says normal (a crash between two commits)
+            self.store_events(restored)
         raised = self.alarms.active()
         if raised:
             log.info("alarms raised before the restart, still raised: %s", ", ".join(raised))
@@ -96,9 +101,9 @@ class Pipeline:
             self._guard("saving energy counters", save)
 
     def _remap_keys(self) -> None:
+        """Tell the store every point and which are on/off (history reads those back as booleans)."""
         bools = frozenset(p.id for p in self.table.points if p.is_bool)
-        keys = self.store.point_keys((p.id for p in self.table.points), bools)
-        self._key_of = [keys[p.id] for p in self.table.points]
+        self.store.point_keys((p.id for p in self.table.points), bools)
 
     def _guard(self, what: str, action: Callable[[], T]) -> T | None:
         """Run a store action; a damaged file is replaced and the action tried again; other errors are logged."""
@@ -125,8 +130,8 @@ class Pipeline:
         quality = self.quality
         for index, q in zip(batch.indices, batch.qualities, strict=True):
             quality[index] = q
-        key_of = self._key_of
-        self.archive.add_many([key_of[i] for i in batch.indices], batch.times(), batch.values, batch.qualities)
+        id_of = self._id_of
+        self.archive.add_many([id_of[i] for i in batch.indices], batch.times(), batch.values, batch.qualities)
         self.readings_in += len(batch)
         if events:
             self.store_events(events)
@@ -143,7 +148,7 @@ class Pipeline:
         extra: list[tuple[int, float, int]] = []
         for n, index in enumerate(batch.indices):
             meter = energy.get(index)
-            if meter is not None and batch.qualities[n] != BAD:
+            if meter is not None and batch.qualities[n] == GOOD:
                 extra.append((meter[1], meter[0].update(float(batch.values[n]), times[n]), times[n]))
         for derived, value, ts in extra:
             batch.indices.append(derived)
@@ -153,17 +158,26 @@ class Pipeline:
                 batch.stamps.append(ts)
 
     def store_events(self, events: list[AlarmEvent]) -> None:
-        bodies = [(alarm_body(self.identity, event), event.ts) for event in events]
+        """Store alarm events (and the engine's states) in one synced commit; events the store refuses (a full
+        disk) wait in memory, in order, and go first at the next attempt: an alarm event is never dropped."""
+        bodies = self._unstored + [(alarm_body(self.identity, event), event.ts) for event in events]
         states = self.alarms.states()
 
-        def write() -> None:
+        def write() -> bool:
             # alarm events are rare and must survive a power cut: their commit syncs the log
             with self.store.transaction(durable=True):
                 for body, ts in bodies:
                     self.store.append(KIND_ALARM, 1, body, created=ts)
                 self.store.save_alarm_states(states)
+            return True
 
-        self._guard("storing alarm events", write)
+        if self._guard("storing alarm events", write) is None:
+            if len(bodies) > _MAX_UNSTORED_EVENTS:
+                log.error("alarm events waiting for the store: %d, the oldest beyond %d are dropped",
+                          len(bodies), _MAX_UNSTORED_EVENTS)
+            self._unstored = bodies[-_MAX_UNSTORED_EVENTS:]
+        else:
+            self._unstored = []
         self.events_out += len(events)
         for event in events:
             log.log(logging.WARNING if event.state == "raised" else logging.INFO,
@@ -247,14 +261,14 @@ class Pipeline:
 
         def replay() -> None:
             nonlocal missing
-            keys = {p.id: self._key_of[p.index] for p in self.table.points}
-            for _, body in self.store.data_rows_after(self.store.archive_mark()):
-                doc = orjson.loads(b"{" + body)
-                for r in doc["readings"]:
-                    key = keys.get(r["point"])
-                    if key is None:  # a point no longer configured keeps its history too
-                        key = keys[r["point"]] = self.store.point_keys([r["point"]])[r["point"]]
-                    self.archive.add(key, r["ts"], r["value"], _QUALITY_CODES.get(r["quality"], BAD))
+            for seq, body in self.store.data_rows_after(self.store.archive_mark()):
+                try:
+                    readings = orjson.loads(b"{" + body)["readings"]
+                except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                    log.error("store: message seq %d cannot be read back for the archive: %s", seq, exc)
+                    continue
+                for r in readings:  # a point no longer configured keeps its history too
+                    self.archive.add(r["point"], r["ts"], r["value"], _QUALITY_CODES.get(r["quality"], BAD))
                     missing += 1
 
         self._guard("recovering the archive", replay)
@@ -274,11 +288,17 @@ class Pipeline:
             if self.archive.count == 0:
                 continue
             mark = self.store.last_seq()
-            rows = []
-            for n, row in enumerate(self.archive.take(), 1):
-                rows.append(row)
-                if n % 250 == 0:
-                    await asyncio.sleep(0)
+            rows: list[tuple[str, int, int, int, bytes]] = []
+            taking = self.archive.take()
+            try:
+                for n, row in enumerate(taking, 1):
+                    rows.append(row)
+                    if n % 250 == 0:
+                        await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                rows.extend(taking)  # stopping: what was taken must still be written
+                self._guard("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
+                raise
             self._guard("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
 
     async def flush_loop(self) -> None:
@@ -287,7 +307,7 @@ class Pipeline:
         while True:
             await asyncio.sleep(tick)
             events = self.alarms.tick(int(time.time() * 1000))
-            if events:
+            if events or self._unstored:
                 self.store_events(events)
             if self._pending and time.monotonic() - self._pending_since >= self.max_delay:
                 self.flush()

@@ -277,7 +277,14 @@ class Uplink:
         """Connect, publish, reconnect with capped exponential backoff; until cancelled or stopped."""
         delay = self.cfg.reconnect_min
         while not self._stopping:
-            session = _Session(self)
+            try:
+                session = _Session(self)
+            except (OSError, ValueError) as exc:  # e.g. a TLS file missing: keep polling, retry later
+                self.last_error = f"cannot set up the connection: {exc}"
+                log.error("uplink: %s; retry in %.1fs", self.last_error, delay)
+                await self._sleep_unless_stopping(delay)
+                delay = min(delay * 2, self.cfg.reconnect_max)
+                continue
             self._session = session
             try:
                 await session.connect()

@@ -47,10 +47,10 @@ def test_a_minute_of_a_1s_float32_point_costs_under_8_bytes_a_reading() -> None:
 
 def test_buffer_sorts_each_point_and_keeps_points_apart() -> None:
     buffer = ArchiveBuffer()
-    buffer.add_many([1, 2, 1], [3000, 1000, 1000], [3.0, 9.0, 1.0], [0, 0, 0])
+    buffer.add_many(["A", "B", "A"], [3000, 1000, 1000], [3.0, 9.0, 1.0], [0, 0, 0])
     rows = {key: (start, end, count, decode_chunk(chunk)) for key, start, end, count, chunk in buffer.take()}
-    assert rows[1][:3] == (1000, 3000, 2) and [s.value for s in rows[1][3]] == [1.0, 3.0]
-    assert rows[2][:3] == (1000, 1000, 1)
+    assert rows["A"][:3] == (1000, 3000, 2) and [s.value for s in rows["A"][3]] == [1.0, 3.0]
+    assert rows["B"][:3] == (1000, 1000, 1)
     assert buffer.count == 0 and list(buffer.take()) == []
 
 
@@ -58,7 +58,8 @@ def test_history_joins_the_archive_and_messages_not_yet_archived(tmp_path: Path)
     with Store(tmp_path / "s.db") as store:
         keys = store.point_keys(["LT-1", "XV-1"], frozenset({"XV-1"}))
         buffer = ArchiveBuffer()
-        buffer.add_many([keys["LT-1"]] * 3 + [keys["XV-1"]], [1000, 2000, 3000, 1000], [1.0, 2.0, None, 1.0],
+        assert set(keys) == {"LT-1", "XV-1"}
+        buffer.add_many(["LT-1"] * 3 + ["XV-1"], [1000, 2000, 3000, 1000], [1.0, 2.0, None, 1.0],
                         [0, 0, 2, 0])
         seq = store.append(KIND_DATA, 1, b'"agent":"a","enterprise":"e","readings":[{"point":"LT-1","ts":4000,'
                            b'"value":4.5,"quality":"uncertain"}]}')

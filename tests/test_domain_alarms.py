@@ -179,11 +179,19 @@ def test_daily_energy_counts_rollover_reset_and_midnight() -> None:
     assert day.update(999_990.0, t0) == 0.0
     assert day.update(999_999.0, t0 + 60_000) == 9.0
     assert day.update(5.0, t0 + 120_000) == 15.0  # wrapped at 1,000,000
-    assert day.update(0.5, t0 + 180_000) == 15.5  # meter replaced: counts from its new reading
+    assert day.update(0.5, t0 + 180_000) == 15.0  # a drop is believed only when the next reading confirms it
+    assert day.update(1.0, t0 + 200_000) == 16.0  # meter replaced: counts from zero
     restored = DailyEnergy(rollover=1_000_000.0)
     restored.restore(day.save())
-    assert restored.update(2.5, t0 + 240_000) == 17.5  # a restart loses nothing
-    assert restored.update(3.5, t0 + 86_400_000) == 1.0  # the next day starts from zero
+    assert restored.update(3.0, t0 + 240_000) == 18.0  # a restart loses nothing
+    assert restored.update(4.0, t0 + 86_400_000) == 1.0  # the next day starts from zero
+
+
+def test_one_garbled_energy_reading_books_nothing() -> None:
+    day = DailyEnergy(rollover=1_000_000.0)
+    t0 = 1_764_340_000_000
+    readings = [52_000.0, 52_001.0, 0.0, 52_002.0, 852_002.0, 52_003.0]
+    assert [day.update(v, t0 + i * 60_000) for i, v in enumerate(readings)] == [0.0, 1.0, 1.0, 2.0, 2.0, 3.0]
 
 
 def test_gas_limits_beyond_the_standard_are_refused_naming_it() -> None:

@@ -74,7 +74,7 @@ def test_over_the_cap_history_goes_first_then_oldest_telemetry_never_alarms(tmp_
         keys = store.point_keys([f"P{i}" for i in range(200)])
         buffer = ArchiveBuffer()
         for t in range(60):
-            buffer.add_many(list(keys.values()), [t * 1000] * 200, [float(t * i % 97) for i in range(200)], [0] * 200)
+            buffer.add_many(list(keys), [t * 1000] * 200, [float(t * i % 97) for i in range(200)], [0] * 200)
         store.write_chunks(list(buffer.take()), mark=0)
         with store.transaction():
             alarms = [store.append(KIND_ALARM, 1, b'"id":"P1/high"}') for _ in range(20)]
@@ -108,11 +108,10 @@ def test_retention_expires_old_history_and_delivered_alarms_only(tmp_path: Path)
     now = int(time.time() * 1000)
     day = 86_400_000
     with Store(tmp_path / "s.db") as store:
-        key = store.point_keys(["P"])["P"]
         buffer = ArchiveBuffer()
-        buffer.add(key, now - 40 * day, 1.0, 0)
+        buffer.add("P", now - 40 * day, 1.0, 0)
         store.write_chunks(list(buffer.take()), 0)
-        buffer.add(key, now - day, 2.0, 0)
+        buffer.add("P", now - day, 2.0, 0)
         store.write_chunks(list(buffer.take()), 0)
         old_delivered = store.append(KIND_ALARM, 1, b'"a":1}', created=now - 40 * day)
         store.append(KIND_ALARM, 1, b'"a":2}', created=now - 40 * day)  # never delivered: kept
@@ -120,3 +119,29 @@ def test_retention_expires_old_history_and_delivered_alarms_only(tmp_path: Path)
         upkeep(store, 1 << 40).expire()
         assert [s.value for s in store.history("P", 0, now)] == [2.0]
         assert [r["a"] for r in store.alarm_history(0, now)] == [2]
+
+
+def test_a_damaged_message_is_set_aside_and_blocks_nothing(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        seqs = fill(store, 3)
+        body = store.db.execute("SELECT body FROM outbox WHERE seq = ?", (seqs[1],)).fetchone()[0]
+        store.db.execute("UPDATE outbox SET body = ? WHERE seq = ?", (body[:20] + b"\xff" + body[21:], seqs[1]))
+        assert [r.seq for r in store.fetch(0)] == [seqs[0], seqs[2]]
+        assert [r.seq for r in store.fetch(0)] == [seqs[0], seqs[2]]  # set aside once, not retried
+        assert int(store.meta("damaged_messages")) == 1
+        assert [s for s, _ in store.data_rows_after(0)] == [seqs[0], seqs[2]]
+
+
+def test_history_lands_on_the_right_points_after_the_file_was_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path).open()
+    store.point_keys(["A", "B"])
+    buffer = ArchiveBuffer()
+    buffer.add_many(["Z", "A", "B"], [1000, 1000, 1000], [100.0, 1.0, 2.0], [0, 0, 0])
+    assert store.recover_if_corrupt(sqlite3.DatabaseError("database disk image is malformed"))
+    store.point_keys(["Z", "A", "B"])
+    store.write_chunks(list(buffer.take()), mark=0)
+    assert [(p, [s.value for s in store.history(p, 0, 9999)]) for p in "ZAB"] == [
+        ("Z", [100.0]), ("A", [1.0]), ("B", [2.0])]
+    assert store.archive_stats()[0] == 3
+    store.close()

@@ -137,13 +137,14 @@ class _Series:
 
 
 class ArchiveBuffer:
-    """Readings since the last flush, per point key, in typed arrays."""
+    """Readings since the last flush, per point id, in typed arrays (ids, not store keys: a store replaced
+    while running gives new keys, and the buffer must still land on the right points)."""
 
     def __init__(self) -> None:
-        self._series: dict[int, _Series] = {}
+        self._series: dict[str, _Series] = {}
         self.count = 0
 
-    def add(self, key: int, ts: int, value: Any, quality: int) -> None:
+    def add(self, key: str, ts: int, value: Any, quality: int) -> None:
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = _Series()
@@ -152,7 +153,7 @@ class ArchiveBuffer:
         series.qualities.append(quality)
         self.count += 1
 
-    def add_many(self, keys: list[int], stamps: Iterable[int], values: list[Any], qualities: list[int]) -> None:
+    def add_many(self, keys: list[str], stamps: Iterable[int], values: list[Any], qualities: list[int]) -> None:
         series_of = self._series
         for key, ts, value, quality in zip(keys, stamps, values, qualities, strict=True):
             series = series_of.get(key)
@@ -163,8 +164,8 @@ class ArchiveBuffer:
             series.qualities.append(quality)
         self.count += len(keys)
 
-    def take(self) -> Iterator[tuple[int, int, int, int, bytes]]:
-        """Empty the buffer as (key, first ts, last ts, count, chunk) rows, sample times sorted per point."""
+    def take(self) -> Iterator[tuple[str, int, int, int, bytes]]:
+        """Empty the buffer as (point id, first ts, last ts, count, chunk) rows, sample times sorted per point."""
         series_of, self._series, self.count = self._series, {}, 0
         for key, s in series_of.items():
             if any(s.stamps[i] > s.stamps[i + 1] for i in range(len(s.stamps) - 1)):

@@ -77,9 +77,10 @@ class BacklogStats(NamedTuple):
 
 
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    # a full disk or an I/O error is not damage: moving a healthy file aside would strand its backlog
     name = getattr(exc, "sqlite_errorname", "")
-    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or name.startswith(("SQLITE_CORRUPT_", "SQLITE_IOERR")):
-        return True
+    if name:
+        return name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or name.startswith("SQLITE_CORRUPT_")
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text
 
@@ -93,6 +94,7 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._in_tx = False
         self._seq_reserved = 0
+        self._issued = 0  # the highest seq this process gave
         self.recovered: dict[str, Any] | None = None  # what happened when a damaged file was moved aside
         self.fallback_reason: str | None = None
 
@@ -109,14 +111,15 @@ class Store:
             self._db.execute("PRAGMA busy_timeout=5000")
             return self
         try:
-            self._open_file()
-        except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc):
-                raise
-            self._move_aside(exc)
-            self._open_file()
-        except OSError as exc:
-            # never refuse to start because of the buffer: run on memory and say so loudly
+            try:
+                self._open_file()
+            except sqlite3.DatabaseError as exc:
+                if not _is_corruption(exc):
+                    raise
+                self._move_aside(exc)
+                self._open_file()
+        except (OSError, sqlite3.Error) as exc:
+            # never refuse to start because of the buffer (full or read-only disk): run on memory, say so loudly
             self.fallback_reason = f"cannot use {self.path}: {exc}"
             log.error("store: %s; keeping messages in memory only until restart", self.fallback_reason)
             self._connect(":memory:").executescript(_SCHEMA)
@@ -201,6 +204,7 @@ class Store:
             floor = int(self.seq_file.read_text().strip() or 0)
         except (OSError, ValueError):
             floor = 0
+        floor = max(floor, self._issued)  # a store replaced while running goes on above what it gave
         last = self.last_seq()
         if floor > last:
             # a replaced (or older) database: continue above every seq that may have been given
@@ -221,8 +225,8 @@ class Store:
             os.replace(tmp, self.seq_file)
             self._seq_reserved = reserved
         except OSError as exc:
+            # not advanced: the next append tries again, so the file never lags far behind
             log.warning("store: cannot write the seq reserve %s: %s", self.seq_file, exc)
-            self._seq_reserved = reserved
 
     # --- writing -----------------------------------------------------------------------------------
 
@@ -262,6 +266,7 @@ class Store:
         )
         seq = cur.lastrowid
         assert seq is not None
+        self._issued = max(self._issued, seq)
         self._reserve_seq(seq)
         return seq
 
@@ -292,10 +297,21 @@ class Store:
             args.append(kind)
         sql += " ORDER BY seq LIMIT ?"
         args.append(limit)
-        return [
-            Row(seq, k, created, count, zlib.decompress(body) if enc == ENC_ZLIB else bytes(body))
-            for seq, k, created, count, enc, body in self.db.execute(sql, args)
-        ]
+        rows = []
+        for seq, k, created, count, enc, body in self.db.execute(sql, args).fetchall():
+            try:
+                rows.append(Row(seq, k, created, count, zlib.decompress(body) if enc == ENC_ZLIB else bytes(body)))
+            except zlib.error as exc:
+                self._quarantine(seq, k, count, exc)
+        return rows
+
+    def _quarantine(self, seq: int, kind: int, count: int, exc: Exception) -> None:
+        """A stored message that cannot be decoded: set aside (never sent, counted), so it blocks nothing."""
+        log.error("store: message seq %d (%s, %d readings) is damaged and is set aside: %s",
+                  seq, "alarm" if kind == KIND_ALARM else "data", count, exc)
+        with self.transaction():
+            self.db.execute("UPDATE outbox SET acked = 2 WHERE seq = ?", (seq,))
+            self.add_meta("damaged_messages", 1)
 
     def last_seq(self) -> int:
         """The highest seq ever given (0 for a new store)."""
@@ -310,9 +326,13 @@ class Store:
 
     def data_rows_after(self, seq: int) -> Iterator[tuple[int, bytes]]:
         """Data messages (acknowledged or not) above `seq`, as (seq, JSON body): what the archive has not yet."""
-        cur = self.db.execute("SELECT seq, enc, body FROM outbox WHERE kind = 1 AND seq > ? ORDER BY seq", (seq,))
-        for s, enc, body in cur:
-            yield s, zlib.decompress(body) if enc == ENC_ZLIB else bytes(body)
+        cur = self.db.execute("SELECT seq, enc, body FROM outbox WHERE kind = 1 AND acked < 2 AND seq > ? "
+                              "ORDER BY seq", (seq,))
+        for s, enc, body in cur.fetchall():
+            try:
+                yield s, zlib.decompress(body) if enc == ENC_ZLIB else bytes(body)
+            except zlib.error as exc:
+                log.error("store: message seq %d cannot be read back for the archive: %s", s, exc)
 
     # --- meta --------------------------------------------------------------------------------------
 
@@ -356,13 +376,17 @@ class Store:
         row = self.db.execute("SELECT is_bool FROM point WHERE id = ?", (point_id,)).fetchone()
         return None if row is None else bool(row[0])
 
-    def write_chunks(self, chunks: Iterable[tuple[int, int, int, int, bytes]], mark: int) -> int:
-        """Store archive chunks, then drop acknowledged data messages up to `mark` (now in the archive)."""
+    def write_chunks(self, chunks: Iterable[tuple[str, int, int, int, bytes]], mark: int) -> int:
+        """Store archive chunks (by point id), then drop acknowledged data messages up to `mark` (now archived)."""
+        chunks = list(chunks)
+        keys = self.point_keys(sorted({c[0] for c in chunks}))
         with self.transaction():
             cur = self.db.executemany(
-                "INSERT OR REPLACE INTO archive (point, start, end, count, chunk) VALUES (?, ?, ?, ?, ?)", chunks
+                "INSERT OR REPLACE INTO archive (point, start, end, count, chunk) VALUES (?, ?, ?, ?, ?)",
+                [(keys[point], start, end, count, chunk) for point, start, end, count, chunk in chunks],
             )
             written = cur.rowcount
+            self.add_meta("archive_readings", sum(c[3] for c in chunks))
             self.set_meta("archive_mark", mark)
             self.db.execute("DELETE FROM outbox WHERE kind = 1 AND acked = 1 AND seq <= ?", (mark,))
         return written
@@ -385,8 +409,11 @@ class Store:
         for _, body in self.data_rows_after(self.archive_mark()):
             if needle not in body:
                 continue
-            doc = orjson.loads(b"{" + body) if not body.startswith(b"{") else orjson.loads(body)
-            for r in doc["readings"]:
+            try:
+                readings = orjson.loads(b"{" + body)["readings"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue  # reported when the agent reads it back for the archive
+            for r in readings:
                 if r["point"] == point_id and since <= r["ts"] <= until:
                     quality = {"good": 0, "uncertain": 1, "bad": 2}[r["quality"]]
                     out.append(Sample(r["ts"], r["value"], quality))
@@ -400,8 +427,11 @@ class Store:
         )
         out = []
         for seq, enc, body in rows:
-            raw = zlib.decompress(body) if enc == ENC_ZLIB else bytes(body)
-            out.append({"seq": seq, **orjson.loads(b"{" + raw)})
+            try:
+                raw = zlib.decompress(body) if enc == ENC_ZLIB else bytes(body)
+                out.append({"seq": seq, **orjson.loads(b"{" + raw)})
+            except (zlib.error, orjson.JSONDecodeError) as exc:
+                log.error("store: alarm event seq %d is damaged: %s", seq, exc)
         return out
 
     # --- bounds ------------------------------------------------------------------------------------
@@ -426,6 +456,7 @@ class Store:
             ).fetchall()
             self.db.executemany("DELETE FROM archive WHERE point = ? AND start = ? AND end = ?",
                                 [r[:3] for r in rows])
+            self.add_meta("archive_readings", -sum(r[3] for r in rows))
         return sum(r[3] for r in rows)
 
     def drop_oldest_data(self, limit: int) -> tuple[int, int]:
@@ -444,14 +475,17 @@ class Store:
             readings = self.db.execute("SELECT coalesce(sum(count), 0) FROM archive WHERE end < ?",
                                        (before,)).fetchone()[0]
             self.db.execute("DELETE FROM archive WHERE end < ?", (before,))
+            self.add_meta("archive_readings", -int(readings))
             events = self.db.execute(
                 "DELETE FROM outbox WHERE kind = 0 AND acked = 1 AND created < ?", (before,)
             ).rowcount
+            self.db.execute("DELETE FROM outbox WHERE acked = 2 AND created < ?", (before,))
         return int(readings), int(events)
 
     def archive_stats(self) -> tuple[int, int | None]:
-        readings, oldest = self.db.execute("SELECT coalesce(sum(count), 0), min(start) FROM archive").fetchone()
-        return int(readings), oldest
+        """Readings in the archive (a counter: no scan of a 20 GB table) and the end of its oldest chunk."""
+        oldest = self.db.execute("SELECT min(end) FROM archive").fetchone()[0]
+        return max(0, int(self.meta("archive_readings", 0) or 0)), oldest
 
 
 def _runs(seqs: Iterable[int]) -> list[tuple[int, int]]:

@@ -53,14 +53,16 @@ class Upkeep:
             return "disk"
         return None
 
-    def enforce_bounds(self) -> None:
-        """Drop the oldest history, then the oldest undelivered telemetry, until both bounds hold."""
+    def enforce_bounds(self, rounds: int = 10_000) -> None:
+        """Drop the oldest history, then the oldest undelivered telemetry, until both bounds hold (or `rounds`
+        batches were dropped; the rest waits for the next call, so the event loop is never held long)."""
         reason = self.over()
         if reason is None:
             self.full_of_alarms = False
             return
         pruned = evicted = 0
-        for _ in range(10_000):
+        free_before = self.free_disk()
+        for _ in range(rounds):
             n = self.store.drop_oldest_archive(500)
             if n:
                 pruned += n
@@ -75,6 +77,11 @@ class Upkeep:
                 evicted += undelivered
             if reason == "disk":
                 self.store.release_free_pages()
+                if self.free_disk() <= free_before and pruned + evicted > 100_000:
+                    # other files fill the disk: emptying the store would not help; say so and keep the data
+                    log.error("store: the disk stays below min_free_mb although the store gave space back; "
+                              "something else is filling %s", self.store.path.parent)
+                    break
             reason = self.over()
             if reason is None:
                 break
@@ -104,8 +111,8 @@ class Upkeep:
                 self.store.sync()
                 now = loop.time()
                 if now >= next_bounds:
-                    self.enforce_bounds()
-                    next_bounds = now + 5.0
+                    self.enforce_bounds(rounds=20)  # a few batches per second until within bounds
+                    next_bounds = now + (1.0 if self.over() else 5.0)
                 if now >= next_expire:
                     self.expire()
                     next_expire = now + 600.0
