@@ -145,3 +145,36 @@ def test_history_lands_on_the_right_points_after_the_file_was_replaced(tmp_path:
         ("Z", [100.0]), ("A", [1.0]), ("B", [2.0])]
     assert store.archive_stats()[0] == 3
     store.close()
+
+
+def test_a_full_disk_is_not_taken_for_a_damaged_store(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    import pytest
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small file system")
+    try:
+        with Store(disk / "s.db") as store:
+            seqs = fill(store, 5, readings=20)
+        with open(disk / "filler", "wb") as f:  # the disk fills up while the agent is stopped
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        with Store(disk / "s.db") as store:
+            assert store.recovered is None, "a full disk must never move a healthy store aside"
+            if store.fallback_reason is None:  # it could open after all: the backlog is there
+                assert [r.seq for r in store.fetch(0)] == seqs
+        assert not [p for p in disk.iterdir() if "corrupt" in p.name]
+        (disk / "filler").unlink()
+        with Store(disk / "s.db") as store:
+            assert [r.seq for r in store.fetch(0)] == seqs, "once space is back, nothing was lost"
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
