@@ -117,7 +117,8 @@ def test_frame_gap_defaults_to_three_and_a_half_characters_and_1_75_ms_above_192
         assert isinstance(channel, ModbusRtuChannel)
         return channel.effective_frame_gap()
 
-    assert gap(baudrate=9600) == pytest.approx(3.5 * 10 / 9600)
+    # the standard counts an RTU character as 11 bits, whatever the parity and stop bits
+    assert gap(baudrate=9600, parity="N") == pytest.approx(3.5 * 11 / 9600)
     assert gap(baudrate=9600, parity="E") == pytest.approx(3.5 * 11 / 9600)
     assert gap(baudrate=19200, parity="E") == pytest.approx(3.5 * 11 / 19200)
     assert gap(baudrate=38400) == pytest.approx(0.00175)

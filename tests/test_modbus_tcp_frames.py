@@ -155,3 +155,35 @@ def test_refused_connection_gives_bad_values_with_the_reason() -> None:
 
     errors = asyncio.run(main())
     assert "Connect call failed" in errors[0] or "refused" in errors[0].lower()
+
+
+@pytest.mark.timeout(20)
+def test_a_server_refusing_unused_addresses_inside_a_merged_block_is_read_without_gaps() -> None:
+    present = {0: 7, 10: 8, 11: 9}  # a strict server: exception 2 for any address it does not have
+
+    async def reply(tid: int, unit: int, pdu: bytes) -> bytes | None:
+        _, start, count = struct.unpack(">BHH", pdu)
+        if any(a not in present for a in range(start, start + count)):
+            return mbap(tid, unit, bytes([0x83, 2]))
+        data = b"".join(struct.pack(">H", present[a]) for a in range(start, start + count))
+        return mbap(tid, unit, bytes([3, len(data)]) + data)
+
+    async def main() -> tuple[list[object], list[str], list[object]]:
+        server, port = await serve(reply)
+        ch = ModbusTcpChannel.model_validate({
+            "id": "c1", "driver": "modbus_tcp", "host": "127.0.0.1", "port": port,
+            "devices": [{"id": "d1", "timeout": 0.5, "points": [
+                {"id": "a", "address": 0}, {"id": "b", "address": 10}, {"id": "c", "address": 11}]}],
+        })
+        driver = ModbusTcpDriver(ch)
+        try:
+            first = await driver.read(ch.devices[0])
+            second = await driver.read(ch.devices[0])
+        finally:
+            await driver.close()
+            server.close()
+        return first.values, first.errors, second.values
+
+    values, errors, again = asyncio.run(main())
+    assert values == [7, 8, 9] and errors == []
+    assert again == [7, 8, 9]

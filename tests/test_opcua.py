@@ -525,3 +525,13 @@ def test_certificates_are_made_once_and_reused(tmp_path: Path) -> None:
         x509.UniformResourceIdentifier)
     assert uris == [opcua.CLIENT_URI]
     assert loaded.not_valid_after_utc - datetime.now(UTC) > timedelta(days=365)
+
+
+def test_a_null_opc_ua_datetime_is_no_timestamp() -> None:
+    from datetime import UTC, datetime
+
+    from agent.drivers.opcua import _ms
+
+    assert _ms(datetime(1601, 1, 1, tzinfo=UTC)) is None  # DateTime 0 on the wire
+    assert _ms(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)) is None
+    assert _ms(datetime(2026, 11, 28, tzinfo=UTC)) == 1795824000000

@@ -181,6 +181,18 @@ def plan_blocks(device: ModbusDevice) -> list[Block]:
     return blocks
 
 
+def gapless_plan(device: ModbusDevice) -> list[Block]:
+    """The device's requests without bridged gaps: for a server that refuses any address it does not have
+    (exception 2, as the standard allows) inside an otherwise merged block."""
+    return plan_blocks(device.model_copy(update={"max_gap": 0}))
+
+
+def refused_for_a_gap(exc: ModbusError, block: Block, device: ModbusDevice) -> bool:
+    """Exception 2 on a block that bridges unused addresses: read it again without the gaps."""
+    used = sum(device.points[index].width() for index, _, _ in block.members)
+    return exc.code == 2 and used < block.count
+
+
 # --- PDUs --------------------------------------------------------------------------------------------
 
 

@@ -23,9 +23,11 @@ from agent.drivers.modbus import (
     ModbusDevice,
     ModbusError,
     decode_block,
+    gapless_plan,
     parse_read_reply,
     plan_blocks,
     read_request,
+    refused_for_a_gap,
 )
 from agent.drivers.registry import DeviceRead
 from agent.schema import ChannelBase, DeviceBase, Duration
@@ -71,9 +73,10 @@ class CrcError(FrameError):
     """A reply whose CRC does not match: noise on the line, or a frame cut short."""
 
 
-def default_frame_gap(baudrate: int, bytesize: int = 8, parity: str = "N", stopbits: float = 1) -> float:
-    """The Modbus serial line's t3.5: 3.5 character times, but at least 1.75 ms above 19200 baud."""
-    char = (1 + bytesize + (0 if parity == "N" else 1) + stopbits) / baudrate
+def default_frame_gap(baudrate: int) -> float:
+    """The Modbus serial line's t3.5: 3.5 character times, but at least 1.75 ms above 19200 baud. The
+    standard counts an RTU character as 11 bits whatever the parity and stop bits (2.5.1)."""
+    char = 11 / baudrate
     gap = 3.5 * char
     return max(gap, 0.00175) if baudrate > 19200 else gap
 
@@ -109,7 +112,7 @@ class ModbusRtuChannel(ChannelBase):
     baudrate: int = Field(9600, ge=300, le=4_000_000, description="Line speed in bit/s, as set on the slaves.")
     bytesize: Literal[8] = Field(8, description="Data bits; Modbus RTU frames 8-bit bytes, so always 8.")
     parity: Literal["N", "E", "O"] = Field(
-        "N", description="Parity: N none, E even (the spec's default), O odd; must match the slaves."
+        "E", description="Parity: E even (the Modbus serial line's default), O odd, N none; must match the slaves."
     )
     stopbits: Literal[1, 2] = Field(1, description="Stop bits (the spec asks 2 without parity; most slaves take 1).")
     frame_gap: Duration | None = Field(
@@ -127,7 +130,7 @@ class ModbusRtuChannel(ChannelBase):
     def effective_frame_gap(self) -> float:
         if self.frame_gap is not None:
             return self.frame_gap
-        return default_frame_gap(self.baudrate, self.bytesize, self.parity, self.stopbits)
+        return default_frame_gap(self.baudrate)
 
 
 class ModbusRtuTcpChannel(ChannelBase):
@@ -432,6 +435,12 @@ class RtuMaster:
             # a ConnectionError is not retried: the port is gone until the next poll reopens it
         raise AssertionError("unreachable")
 
+    async def _read_without_gaps(self, device: ModbusDevice) -> DeviceRead:
+        log.warning("device %s: the server refuses unused addresses inside a request (exception 2); reading it "
+                    "without bridged gaps from now on", device.id)
+        self._plans[device.id] = gapless_plan(device)
+        return await self.read(device)
+
     async def read(self, device: DeviceBase) -> DeviceRead:
         assert isinstance(device, ModbusDevice)
         values: list[object] = [None] * len(device.points)
@@ -441,6 +450,8 @@ class RtuMaster:
             try:
                 data = await self.read_block(device, block)
             except (ModbusError, FrameError) as exc:
+                if isinstance(exc, ModbusError) and refused_for_a_gap(exc, block, device):
+                    return await self._read_without_gaps(device)
                 errors.append(f"{block.describe()}: {exc}")  # the slave answers: its other blocks may read
                 continue
             except (TimeoutError, OSError, EOFError) as exc:

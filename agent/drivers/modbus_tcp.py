@@ -21,9 +21,11 @@ from agent.drivers.modbus import (
     ModbusDevice,
     ModbusError,
     decode_block,
+    gapless_plan,
     parse_read_reply,
     plan_blocks,
     read_request,
+    refused_for_a_gap,
 )
 from agent.drivers.registry import DeviceRead
 from agent.schema import ChannelBase, DeviceBase, Duration
@@ -128,6 +130,12 @@ class ModbusTcpDriver:
                     raise
         raise AssertionError("unreachable")
 
+    async def _read_without_gaps(self, device: ModbusDevice) -> DeviceRead:
+        log.warning("device %s: the server refuses unused addresses inside a request (exception 2); reading it "
+                    "without bridged gaps from now on", device.id)
+        self._plans[device.id] = gapless_plan(device)
+        return await self.read(device)
+
     async def read(self, device: DeviceBase) -> DeviceRead:
         assert isinstance(device, ModbusDevice)
         values: list[object] = [None] * len(device.points)
@@ -137,6 +145,8 @@ class ModbusTcpDriver:
             try:
                 data = await self.read_block(device, block)
             except ModbusError as exc:
+                if refused_for_a_gap(exc, block, device):
+                    return await self._read_without_gaps(device)
                 errors.append(f"{block.describe()}: {exc}")
                 continue
             except (TimeoutError, OSError, EOFError, FrameError) as exc:

@@ -349,6 +349,8 @@ def _ms(stamp: datetime | None) -> int | None:
         return None
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=UTC)
+    if stamp.year <= 1601 or stamp.year >= 9999:
+        return None  # DateTime 0 (and the maximum) mean "no timestamp" (Part 6, 5.2.2.5)
     return int(stamp.timestamp() * 1000)
 
 
