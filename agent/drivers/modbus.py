@@ -6,6 +6,7 @@ Transports (TCP, RTU, RTU over TCP) frame these PDUs; nothing here touches a soc
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from agent.drivers.registry import DeviceRead
 from agent.schema import DeviceBase, PointBase
+
+log = logging.getLogger(__name__)
 
 Table = Literal["holding", "input", "coil", "discrete"]
 DataType = Literal["bool", "int16", "uint16", "int32", "uint32", "float32", "int64", "uint64", "float64"]
@@ -245,6 +249,41 @@ def decode_block(block: Block, data: bytes, values: list[Any]) -> None:
     else:
         for index, decode, offset in block.members:
             values[index] = decode(data, offset)  # type: ignore[misc]
+
+
+class BlockReader:
+    """Reads a device block by block: a refused block costs its points, a silent device the rest of its poll.
+    Transports give `read_block` and say which errors still mean the device answered."""
+
+    answered: tuple[type[Exception], ...] = (ModbusError,)
+    _plans: dict[str, list[Block]]
+
+    async def read_block(self, device: ModbusDevice, block: Block) -> bytes:
+        raise NotImplementedError
+
+    async def read(self, device: DeviceBase) -> DeviceRead:
+        assert isinstance(device, ModbusDevice)
+        values: list[object] = [None] * len(device.points)
+        errors: list[str] = []
+        blocks = self._plans[device.id]
+        for i, block in enumerate(blocks):
+            try:
+                data = await self.read_block(device, block)
+            except self.answered as exc:
+                if isinstance(exc, ModbusError) and refused_for_a_gap(exc, block, device):
+                    log.warning("device %s: the server refuses unused addresses inside a request (exception 2); "
+                                "reading it without bridged gaps from now on", device.id)
+                    self._plans[device.id] = gapless_plan(device)
+                    return await self.read(device)
+                errors.append(f"{block.describe()}: {exc}")  # the device answers: its other blocks may read
+                continue
+            except (TimeoutError, OSError, EOFError, FrameError) as exc:
+                errors.append(f"{block.describe()}: {str(exc) or type(exc).__name__}")
+                if len(blocks) > i + 1:
+                    errors.append(f"{len(blocks) - i - 1} more block(s) skipped: the device is not answering")
+                break
+            decode_block(block, data, values)
+        return DeviceRead(values, errors)
 
 
 def bits_of(data: bytes, count: int) -> Sequence[bool]:

@@ -19,18 +19,15 @@ from pydantic import Field
 from agent.drivers import registry
 from agent.drivers.modbus import (
     Block,
+    BlockReader,
     FrameError,
     ModbusDevice,
     ModbusError,
-    decode_block,
-    gapless_plan,
     parse_read_reply,
     plan_blocks,
     read_request,
-    refused_for_a_gap,
 )
-from agent.drivers.registry import DeviceRead
-from agent.schema import ChannelBase, DeviceBase, Duration
+from agent.schema import ChannelBase, Duration
 
 log = logging.getLogger(__name__)
 
@@ -255,12 +252,15 @@ class TcpLink(asyncio.Protocol):
 # --- the master ------------------------------------------------------------------------------------------
 
 
-class RtuMaster:
+class RtuMaster(BlockReader):
     """The RTU master of one bus: frames requests, reads and checks replies, keeps the line's silences.
 
     Subclasses say which link carries the frames. A device that did not answer its last request gets a
     single attempt per block (no retry), so a dead slave costs the bus one timeout per poll of it.
     """
+
+    # a reply with a bad CRC or frame is noise on a bus that answers: the other blocks still get asked
+    answered = (ModbusError, FrameError)
 
     def __init__(self, channel_id: str, devices: list[ModbusRtuDevice], *, gap: float, quiet: float,
                  settle_max: float) -> None:
@@ -434,33 +434,6 @@ class RtuMaster:
                     raise
             # a ConnectionError is not retried: the port is gone until the next poll reopens it
         raise AssertionError("unreachable")
-
-    async def _read_without_gaps(self, device: ModbusDevice) -> DeviceRead:
-        log.warning("device %s: the server refuses unused addresses inside a request (exception 2); reading it "
-                    "without bridged gaps from now on", device.id)
-        self._plans[device.id] = gapless_plan(device)
-        return await self.read(device)
-
-    async def read(self, device: DeviceBase) -> DeviceRead:
-        assert isinstance(device, ModbusDevice)
-        values: list[object] = [None] * len(device.points)
-        errors: list[str] = []
-        blocks = self._plans[device.id]
-        for i, block in enumerate(blocks):
-            try:
-                data = await self.read_block(device, block)
-            except (ModbusError, FrameError) as exc:
-                if isinstance(exc, ModbusError) and refused_for_a_gap(exc, block, device):
-                    return await self._read_without_gaps(device)
-                errors.append(f"{block.describe()}: {exc}")  # the slave answers: its other blocks may read
-                continue
-            except (TimeoutError, OSError, EOFError) as exc:
-                errors.append(f"{block.describe()}: {str(exc) or type(exc).__name__}")
-                if len(blocks) > i + 1:
-                    errors.append(f"{len(blocks) - i - 1} more block(s) skipped: the device is not answering")
-                break
-            decode_block(block, data, values)
-        return DeviceRead(values, errors)
 
 
 class ModbusRtuDriver(RtuMaster):

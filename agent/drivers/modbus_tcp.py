@@ -17,18 +17,15 @@ from pydantic import Field
 from agent.drivers import registry
 from agent.drivers.modbus import (
     Block,
+    BlockReader,
     FrameError,
     ModbusDevice,
     ModbusError,
-    decode_block,
-    gapless_plan,
     parse_read_reply,
     plan_blocks,
     read_request,
-    refused_for_a_gap,
 )
-from agent.drivers.registry import DeviceRead
-from agent.schema import ChannelBase, DeviceBase, Duration
+from agent.schema import ChannelBase, Duration
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +42,7 @@ class ModbusTcpChannel(ChannelBase):
     devices: list[ModbusDevice] = Field(min_length=1, description="Units polled through this connection.")
 
 
-class ModbusTcpDriver:
+class ModbusTcpDriver(BlockReader):
     """One TCP connection; requests are serialised, so a slow unit delays only its own poll."""
 
     def __init__(self, channel: ModbusTcpChannel) -> None:
@@ -129,34 +126,6 @@ class ModbusTcpDriver:
                 if attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
-
-    async def _read_without_gaps(self, device: ModbusDevice) -> DeviceRead:
-        log.warning("device %s: the server refuses unused addresses inside a request (exception 2); reading it "
-                    "without bridged gaps from now on", device.id)
-        self._plans[device.id] = gapless_plan(device)
-        return await self.read(device)
-
-    async def read(self, device: DeviceBase) -> DeviceRead:
-        assert isinstance(device, ModbusDevice)
-        values: list[object] = [None] * len(device.points)
-        errors: list[str] = []
-        blocks = self._plans[device.id]
-        for i, block in enumerate(blocks):
-            try:
-                data = await self.read_block(device, block)
-            except ModbusError as exc:
-                if refused_for_a_gap(exc, block, device):
-                    return await self._read_without_gaps(device)
-                errors.append(f"{block.describe()}: {exc}")
-                continue
-            except (TimeoutError, OSError, EOFError, FrameError) as exc:
-                reason = str(exc) or type(exc).__name__
-                errors.append(f"{block.describe()}: {reason}")
-                if len(blocks) > i + 1:
-                    errors.append(f"{len(blocks) - i - 1} more block(s) skipped: the device is not answering")
-                break
-            decode_block(block, data, values)
-        return DeviceRead(values, errors)
 
 
 registry.register("modbus_tcp", ModbusTcpChannel, ModbusTcpDriver)
