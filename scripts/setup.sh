@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or update) the virtual environment in .venv with the agent and, with --test, its test tools.
+# Create (or update) the virtual environment in .venv with the agent, its tooling (simulators, demo, bench: the
+# devtools distribution, never part of the runtime wheel) and, with --test, the test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v python3 >/dev/null || { echo "setup: python3 (>= 3.11) is required" >&2; exit 1; }
@@ -10,4 +11,4 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 extra=""
 [[ "${1:-}" == "--test" ]] && extra="[test]"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extra}"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extra}" -e ./devtools

@@ -17,7 +17,7 @@ fi
 export PATH="$PATH:/usr/sbin"
 
 echo "== ruff"
-.venv/bin/ruff check agent simulators bench tests
+.venv/bin/ruff check agent devtools tests
 echo "== mypy --strict agent"
 .venv/bin/mypy --strict agent
 echo "== pytest"

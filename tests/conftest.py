@@ -18,6 +18,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# every configuration the project ships: site examples, the demo site, each driver's sample
+SHIPPED_CONFIGS = sorted([*(ROOT / "config").glob("*.yaml"), ROOT / "devtools" / "simulators" / "demo.yaml",
+                          *(ROOT / "agent" / "drivers").glob("*/sample.yaml")])
 
 
 def free_port() -> int:

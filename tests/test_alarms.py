@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from agent.alarms import AlarmEngine, AlarmEvent
-from agent.config import parse_config
-from agent.decode import BAD, GOOD, ReadingBatch
-from agent.points import PointTable
+from agent.config.models import parse_config
+from agent.config.points import PointTable
+from agent.pipeline.decode import BAD, GOOD, ReadingBatch
+from agent.rules.engine import AlarmEngine, AlarmEvent
 
 CONFIG = """
 agent: {id: a1, enterprise: "e1"}

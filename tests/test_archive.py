@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.buffer.archive import ArchiveBuffer, decode_chunk, encode_chunk
-from agent.buffer.store import KIND_DATA, Store
+from agent.store.archive import ArchiveBuffer, decode_chunk, encode_chunk
+from agent.store.db import KIND_DATA, Store
 
 
 def f32(x: float) -> float:
@@ -82,7 +82,7 @@ def test_archived_and_acknowledged_messages_leave_the_outbox(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("text", ["1h", "30m", "2d"])
 def test_history_times_ago(text: str) -> None:
-    from agent.history import parse_time
+    from agent.store.history import parse_time
 
     assert parse_time(text, now=100_000.0) < 100_000_000
     assert parse_time("now", now=100.0) == 100_000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.drivers.modbus import ModbusDevice, plan_blocks
+from agent.drivers.modbus.codec import ModbusDevice, plan_blocks
 
 
 def device(points: list[dict[str, Any]], **kw: Any) -> ModbusDevice:

@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.broker import EmbeddedBroker
+from simulators.broker import EmbeddedBroker
 
 WAIT = 10.0  # upper bound for anything that should happen promptly
 QUIET = 0.5  # how long "nothing arrives" is watched
@@ -464,7 +464,7 @@ def test_async_context_manager_binds_a_free_port_and_releases_it() -> None:
 
 def test_command_line_broker_announces_its_address_and_stops_on_sigterm(peers: list[Peer]) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "agent.broker", "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", "simulators.broker", "--host", "127.0.0.1", "--port", "0"],
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.PIPE,
         text=True,

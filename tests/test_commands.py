@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from agent.commands import CommandHandler
+from agent.control.commands import CommandHandler
 
 
 def handler() -> tuple[CommandHandler, list[str]]:

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, SHIPPED_CONFIGS
 
-from agent.config import ConfigError, load_config, parse_config
-
-ROOT = Path(__file__).resolve().parent.parent
+from agent.config.models import ConfigError, load_config, parse_config
 
 BASE = """
 agent: {id: ipc-01, enterprise: "150625000123"}
@@ -36,9 +35,9 @@ def errors_of(text: str) -> list[str]:
     return info.value.errors
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "config").glob("*.yaml")))
-def test_shipped_configs_are_valid(name: str) -> None:
-    config = load_config(ROOT / "config" / name)
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_configs_are_valid(path: Path) -> None:
+    config = load_config(path)
     assert config.channels
 
 

@@ -19,11 +19,9 @@ from typing import Any
 
 import pytest
 
-from agent.buffer.store import Store
-from agent.config import AgentConfig, ConfigError, parse_config, validate_config_data
-from agent.decode import BAD, GOOD, ReadingBatch
-from agent.drivers import dlt645
-from agent.drivers.dlt645 import (
+from agent.config.models import AgentConfig, ConfigError, parse_config, validate_config_data
+from agent.drivers.dlt645 import driver as dlt645
+from agent.drivers.dlt645.driver import (
     DataFormat,
     Dlt645Bus,
     Dlt645Channel,
@@ -33,7 +31,9 @@ from agent.drivers.dlt645 import (
     NoReply,
     split_frame,
 )
-from agent.pipeline import Pipeline
+from agent.pipeline.decode import BAD, GOOD, ReadingBatch
+from agent.pipeline.ingest import Pipeline
+from agent.store.db import Store
 from simulators import dlt645 as sim_codec
 from simulators.dlt645 import Dlt645BusSimulator
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from agent.alarms import AlarmEngine, AlarmEvent, ResetRefused
-from agent.config import AgentConfig, parse_config
-from agent.decode import BAD, GOOD, ReadingBatch
-from agent.energy import DailyEnergy
-from agent.points import PointTable
+from agent.config.models import AgentConfig, parse_config
+from agent.config.points import PointTable
+from agent.pipeline.decode import BAD, GOOD, ReadingBatch
+from agent.rules.energy import DailyEnergy
+from agent.rules.engine import AlarmEngine, AlarmEvent, ResetRefused
 
 SITE = """
 agent: {id: a1, enterprise: "e1"}

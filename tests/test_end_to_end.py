@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.buffer.store import Store
-from agent.config import load_config
+from agent.config.models import load_config
+from agent.store.db import Store
 from simulators.platform import PlatformSimulator
 
 ROOT = Path(__file__).resolve().parent.parent

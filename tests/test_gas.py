@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from agent import gas
-from agent.gas import GASES, check_gas_limits, gas_by_key, mg_m3_to_ppm, ppm_to_mg_m3, toxic_set_points
+from agent.rules import gas
+from agent.rules.gas import GASES, check_gas_limits, gas_by_key, mg_m3_to_ppm, ppm_to_mg_m3, toxic_set_points
 
 ATOMIC_WEIGHTS = {"H": 1.008, "C": 12.011, "N": 14.007, "O": 15.999, "S": 32.06, "Cl": 35.45}
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.buffer.store import Store
+from agent.store.db import Store
 
 
 def history(*args: str) -> subprocess.CompletedProcess[str]:

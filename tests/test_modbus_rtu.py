@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
-from agent.buffer.store import Store
-from agent.config import AgentConfig, ConfigError, validate_config_data
-from agent.decode import BAD, GOOD, ReadingBatch, decode
-from agent.drivers.modbus import ModbusError, parse_read_reply, read_request
-from agent.drivers.modbus_rtu import (
+from agent.config.models import AgentConfig, ConfigError, validate_config_data
+from agent.config.points import PointTable
+from agent.drivers.modbus.codec import ModbusError, parse_read_reply, read_request
+from agent.drivers.modbus.rtu import (
     ModbusRtuChannel,
     ModbusRtuDriver,
     ModbusRtuTcpChannel,
@@ -28,8 +27,9 @@ from agent.drivers.modbus_rtu import (
     crc16,
     frame,
 )
-from agent.pipeline import Pipeline
-from agent.points import PointTable
+from agent.pipeline.decode import BAD, GOOD, ReadingBatch, decode
+from agent.pipeline.ingest import Pipeline
+from agent.store.db import Store
 from simulators import modbus_rtu as sim_rtu
 from simulators.modbus_rtu import RtuBusSimulator
 

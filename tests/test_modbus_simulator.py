@@ -18,9 +18,9 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
 
-from agent.config import AgentConfig, load_config, parse_config, validate_config_data
-from agent.drivers.modbus import ModbusPoint
-from agent.drivers.modbus_tcp import ModbusTcpChannel, ModbusTcpDriver
+from agent.config.models import AgentConfig, load_config, parse_config, validate_config_data
+from agent.drivers.modbus.codec import ModbusPoint
+from agent.drivers.modbus.tcp import ModbusTcpChannel, ModbusTcpDriver
 from simulators.modbus import PlantSimulator, normal_band, synthetic_config
 
 ROOT = Path(__file__).resolve().parent.parent

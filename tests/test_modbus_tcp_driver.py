@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, validate_config_data
-from agent.decode import GOOD, UNCERTAIN, decode
-from agent.drivers.modbus import plan_blocks
-from agent.drivers.modbus_tcp import ModbusTcpDriver
-from agent.points import PointTable
+from agent.config.models import AgentConfig, validate_config_data
+from agent.config.points import PointTable
+from agent.drivers.modbus.codec import plan_blocks
+from agent.drivers.modbus.tcp import ModbusTcpDriver
+from agent.pipeline.decode import GOOD, UNCERTAIN, decode
 from simulators.modbus import PlantSimulator
 
 ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from agent.drivers.modbus_tcp import ModbusTcpChannel, ModbusTcpDriver
+from agent.drivers.modbus.tcp import ModbusTcpChannel, ModbusTcpDriver
 
 
 class Closing(bytes):

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, ConfigError, validate_config_data
-from agent.decode import BAD, GOOD, UNCERTAIN, decode
-from agent.drivers import opcua
-from agent.drivers.opcua import OpcUaChannel, OpcUaDevice, OpcUaDriver, OpcUaError
+from agent.config.models import AgentConfig, ConfigError, validate_config_data
+from agent.config.points import PointTable
+from agent.drivers.opcua import driver as opcua
+from agent.drivers.opcua.driver import OpcUaChannel, OpcUaDevice, OpcUaDriver, OpcUaError
 from agent.drivers.registry import DeviceRead
-from agent.points import PointTable
+from agent.pipeline.decode import BAD, GOOD, UNCERTAIN, decode
 from simulators.opcua import OpcUaSimulator, client_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -405,8 +405,8 @@ def test_pipeline_reports_bad_during_a_restart_and_good_after_it(tmp_path: Path)
     seen: list[tuple[str, Any, int]] = []
 
     async def run() -> dict[str, Any]:
-        from agent.buffer.store import Store
-        from agent.pipeline import Pipeline
+        from agent.pipeline.ingest import Pipeline
+        from agent.store.db import Store
 
         sim = OpcUaSimulator(config, folder=tmp_path, period=3600)
         await sim.start()
@@ -530,7 +530,7 @@ def test_certificates_are_made_once_and_reused(tmp_path: Path) -> None:
 def test_a_null_opc_ua_datetime_is_no_timestamp() -> None:
     from datetime import UTC, datetime
 
-    from agent.drivers.opcua import _ms
+    from agent.drivers.opcua.driver import _ms
 
     assert _ms(datetime(1601, 1, 1, tzinfo=UTC)) is None  # DateTime 0 on the wire
     assert _ms(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)) is None

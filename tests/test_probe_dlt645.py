@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, validate_config_data
+from agent.config.models import AgentConfig, validate_config_data
 from simulators.dlt645 import Dlt645BusSimulator
 
 ROOT = Path(__file__).resolve().parent.parent

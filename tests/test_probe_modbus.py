@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from agent.cli import main
-from agent.config import AgentConfig, validate_config_data
+from agent.cli.main import main
+from agent.config.models import AgentConfig, validate_config_data
 from simulators.modbus_rtu import RtuBusSimulator
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from agent.cli import main
+from agent.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

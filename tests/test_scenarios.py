@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import validate_config_data
+from agent.config.models import validate_config_data
 from simulators.platform import PlatformSimulator
 
 ENTERPRISE, AGENT = "150625000123", "ipc-07"

@@ -8,7 +8,7 @@ import tty
 
 import pytest
 
-from agent.serial_link import SerialLink
+from agent.drivers.links import SerialLink
 
 
 def pty_pair() -> tuple[int, str]:

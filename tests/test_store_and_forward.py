@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from agent.buffer.store import KIND_DATA, Store
-from agent.decode import GOOD, ReadingBatch
-from agent.messages import data_body, identity_fields
-from agent.points import PointTable
+from agent.config.points import PointTable
+from agent.pipeline.decode import GOOD, ReadingBatch
+from agent.store.db import KIND_DATA, Store
+from agent.uplink.messages import data_body, identity_fields
 from simulators.modbus import synthetic_config, synthetic_data
 from simulators.platform import PlatformSimulator
 
@@ -181,7 +181,7 @@ def test_agent_starts_on_a_damaged_store_keeps_the_old_file_and_seq_goes_on(
 
 def prefill_backlog(store_path: Path, config: dict[str, Any], messages: int) -> int:
     """Put `messages` full data messages from an hour ago into the store, as an agent would have."""
-    from agent.config import validate_config_data
+    from agent.config.models import validate_config_data
 
     table = PointTable(validate_config_data(config, source="test", base_dir=None))
     identity = identity_fields("bench", "000000000000")

@@ -6,9 +6,9 @@ import sqlite3
 import time
 from pathlib import Path
 
-from agent.buffer.archive import ArchiveBuffer
-from agent.buffer.store import KIND_ALARM, KIND_DATA, Store
-from agent.buffer.upkeep import Upkeep, UpkeepConfig
+from agent.store.archive import ArchiveBuffer
+from agent.store.db import KIND_ALARM, KIND_DATA, Store
+from agent.store.upkeep import Upkeep, UpkeepConfig
 
 
 def fill(store: Store, messages: int, readings: int = 500) -> list[int]:

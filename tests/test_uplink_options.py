@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from conftest import Mosquitto, free_port
 
-from agent.buffer.store import Store
-from agent.config import validate_config_data
+from agent.config.models import validate_config_data
+from agent.store.db import Store
 from simulators.platform import PlatformSimulator
 
 POINTS = [{"id": "LT-1", "address": 0, "type": "float32", "unit": "m"},

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, SHIPPED_CONFIGS
 
-from agent import yaml_stream
-
-ROOT = Path(__file__).resolve().parent.parent
+from agent.config import yaml_stream
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_configs_load_as_with_pyyaml(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     assert yaml_stream.load(text) == yaml.safe_load(text)

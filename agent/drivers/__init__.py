@@ -1,1 +1,2 @@
-"""Protocol drivers, one module each, found through `agent.drivers.registry`."""
+"""Protocol drivers, one package per protocol, found through `agent.drivers.registry`; `links` holds the
+serial and TCP byte links they share."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.schema import ChannelBase, DeviceBase
+from agent.config.base import ChannelBase, DeviceBase
 
 
 class DeviceRead:
@@ -20,7 +20,7 @@ class DeviceRead:
     `values` has one entry per point of the device, in the device's order, or, when `positions` is given, one
     per listed position (a driver that only has news for some points, e.g. OPC UA data changes). None means
     the point could not be read. `timestamps` (ms since the epoch) are the device's own sample times where it
-    has them; `qualities` (agent.decode GOOD/UNCERTAIN/BAD) what the device says of each value. `errors` says
+    has them; `qualities` (agent.pipeline.decode GOOD/UNCERTAIN/BAD) what the device says of each value. `errors` says
     what went wrong, one line per failed request.
     """
 
@@ -75,13 +75,13 @@ def register(name: str, channel_model: type[ChannelBase], factory: Callable[[Any
 
 
 def _load() -> None:
-    """Import every module of this package once; a protocol module registers itself on import."""
+    """Import every protocol package once; a protocol's modules register themselves on import."""
     global _loaded
     if not _loaded:
         _loaded = True
         package = importlib.import_module("agent.drivers")
         for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_") and info.name != "registry":
+            if info.ispkg and not info.name.startswith("_"):
                 importlib.import_module(f"agent.drivers.{info.name}")
 
 

@@ -1,0 +1,175 @@
+"""Base config models shared by every driver: durations, identifiers, limits, points, devices, channels.
+
+Driver modules subclass these for their own options; this module imports no driver and opens nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
+_UNIT_SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept 1.5, "500ms", "5s", "2m", "1h", "30d" and return seconds; other input goes to pydantic."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration (use a number of seconds or e.g. 500ms, 5s, 2m, 1h)")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+Identifier = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"),
+]
+
+Domain = Literal["hazard", "gas", "personnel", "power"]
+
+
+class Model(BaseModel):
+    """Base of every config model: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(Model):
+    """Four-level limits with hysteresis and an on-delay, all in the point's engineering unit."""
+
+    high_high: float | None = Field(None, description="高高报: second-level high limit (raised at value >= limit).")
+    high: float | None = Field(None, description="高报: first-level high limit (raised at value >= limit).")
+    low: float | None = Field(None, description="低报: first-level low limit (raised at value <= limit).")
+    low_low: float | None = Field(None, description="低低报: second-level low limit (raised at value <= limit).")
+    deadband: float = Field(0.0, ge=0, description="Hysteresis: a high clears below limit - deadband.")
+    delay: Duration = Field(0.0, le=3600, description="On-delay: the condition must hold this long to raise.")
+    rate_rise: float | None = Field(
+        None, gt=0, description="Raise `rate` when the value rises faster than this, in the point's unit per minute."
+    )
+    rate_fall: float | None = Field(
+        None, gt=0, description="Raise `rate` when the value falls faster than this, in the point's unit per minute."
+    )
+    rate_window: Duration = Field(60.0, ge=1, le=3600, description="Time over which the rate of change is measured.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Limits:
+        chain = [(n, getattr(self, n)) for n in ("low_low", "low", "high", "high_high")]
+        present = [(n, v) for n, v in chain if v is not None]
+        for (name_a, a), (name_b, b) in itertools.pairwise(present):
+            if a >= b:
+                raise ValueError(f"limits must rise low_low < low < high < high_high, but {name_a}={a} >= {name_b}={b}")
+        return self
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.high_high, self.high, self.low, self.low_low,
+                                            self.rate_rise, self.rate_fall))
+
+
+def _kept(limits: Limits | None) -> dict[str, float]:
+    """What a gas point's own `limits` say besides the set points: kept beside the standard's defaults."""
+    if limits is None:
+        return {}
+    return {"deadband": limits.deadband, "delay": limits.delay, "rate_window": limits.rate_window}
+
+
+class GasDetector(Model):
+    """What a gas detector measures; it sets default limits and the checks of GB/T 50493-2019."""
+
+    kind: Literal["combustible", "toxic", "oxygen"] = Field(
+        description="combustible (%LEL), toxic (by its occupational exposure limit) or oxygen (%VOL)."
+    )
+    gas: str | None = Field(None, description="For toxic gas: which one (H2S, CO, NH3, Cl2, C6H6, ...).")
+
+
+class PointBase(Model):
+    """What every point has, whatever the protocol."""
+
+    id: Identifier = Field(description="Point id (位号), unique in the whole configuration.")
+    name: str = Field("", description="Point name, e.g. 1#储罐液位.")
+    unit: str = Field("", max_length=32, description="Engineering unit, e.g. m, °C, MPa, %LEL.")
+    domain: Domain = Field("hazard", description="Which monitoring domain the point belongs to.")
+    scale: float = Field(1.0, description="Engineering value = raw * scale + offset.")
+    offset: float = Field(0.0, description="Engineering value = raw * scale + offset.")
+    range: tuple[float, float] | None = Field(
+        None, description="Measuring range [min, max]; a value outside it is reported `uncertain`."
+    )
+    limits: Limits | None = Field(None, description="Alarm limits; no alarms when omitted.")
+    comm_loss: Duration | None = Field(
+        None, description="Raise `comm_loss` after the point is bad this long; the device's value when omitted."
+    )
+    gas: GasDetector | None = Field(None, description="The point is a gas detector's concentration.")
+    latch: bool | None = Field(
+        None, description="Alarms stay raised until reset by hand (default: yes for gas detectors, no otherwise)."
+    )
+    fault_of: str | None = Field(
+        None, description="This point is the fault status of that detector point: non-zero raises `fault` on it."
+    )
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> PointBase:
+        if self.range is not None and self.range[0] >= self.range[1]:
+            raise ValueError(f"range must be [min, max] with min < max, got {list(self.range)}")
+        return self
+
+    @model_validator(mode="after")
+    def _gas_rules(self) -> PointBase:
+        if self.gas is None:
+            return self
+        import agent.rules.gas as standards
+
+        limits = self.limits
+        if limits is None or not limits.any():
+            kind = self.gas.kind
+            if kind == "combustible":
+                first, second = standards.combustible_set_points()
+                limits = Limits(high=first, high_high=second, **_kept(limits))
+            elif kind == "toxic":
+                if self.gas.gas is None:
+                    raise ValueError("a toxic gas detector needs `gas` (e.g. H2S) to take its default limits")
+                first, second = standards.toxic_set_points(self.gas.gas, self.unit)
+                limits = Limits(high=first, high_high=second, **_kept(limits))
+            else:
+                low, high = standards.oxygen_set_points()
+                limits = Limits(low=low, high=high, **_kept(limits))
+        if self.gas.kind == "oxygen":
+            problems = standards.check_gas_limits("oxygen", limits.low, limits.high, self.unit, limits.delay)
+        else:
+            problems = standards.check_gas_limits(self.gas.kind, limits.high, limits.high_high, self.unit,
+                                                  limits.delay, self.gas.gas)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self.model_copy(update={"limits": limits}) if limits is not self.limits else self
+
+    def latches(self) -> bool:
+        return self.latch if self.latch is not None else self.gas is not None
+
+
+class DeviceBase(Model):
+    """What every device has: its id, poll interval and failure handling."""
+
+    id: Identifier = Field(description="Device id, unique within its channel.")
+    interval: Duration = Field(1.0, ge=0.05, le=86400, description="Poll interval.")
+    timeout: Duration = Field(1.0, gt=0, le=60, description="Longest wait for one reply.")
+    retries: int = Field(1, ge=0, le=10, description="Extra attempts of a failed request within one poll.")
+    backoff_max: Duration = Field(
+        30.0, gt=0, description="A failing device is polled less often, doubling up to this interval."
+    )
+    comm_loss: Duration = Field(30.0, ge=0, description="Raise `comm_loss` after a point is bad this long.")
+
+
+class ChannelBase(Model):
+    """What every channel has: an id and the driver that speaks its protocol."""
+
+    id: Identifier = Field(description="Channel id, unique in the configuration.")
+    driver: str = Field(description="Protocol driver name.")
+    enabled: bool = Field(True, description="A disabled channel is not opened.")

@@ -1,0 +1,347 @@
+"""Typed configuration of the agent: the YAML file is validated here and nowhere else.
+
+Field descriptions are the documentation (`edge-agent config schema` prints them). Driver-specific
+channel models live beside their drivers and are joined into `AgentConfig` through the driver registry.
+This module never opens a device or a socket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from agent.config import yaml_stream
+from agent.config.base import ChannelBase, DeviceBase, Duration, Identifier, Model, PointBase
+
+
+class AgentIdentity(Model):
+    id: Identifier = Field(description="This agent's id; the last level of every MQTT topic root.")
+    enterprise: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")] = Field(
+        description="The platform's enterprise code (统一社会信用代码 or the county's code)."
+    )
+    name: str = Field("", description="Human-readable site name, shown in the CLI only.")
+
+
+class TlsConfig(Model):
+    ca: Path | None = Field(None, description="CA certificate file (PEM); the system store when omitted.")
+    cert: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key: Path | None = Field(None, description="Client private key (PEM) for mutual TLS.")
+    insecure: bool = Field(False, description="Skip server hostname verification (testing only).")
+
+
+class BatchConfig(Model):
+    max_readings: int = Field(
+        500, ge=1, le=5000, description="Readings per `data` message; a full batch is stored at once."
+    )
+    max_delay: Duration = Field(
+        1.0, le=60, description="Longest a reading waits in memory for its batch to fill before it is stored."
+    )
+
+
+class UplinkConfig(Model):
+    host: str = Field("127.0.0.1", min_length=1, description="MQTT broker host of the county platform.")
+    port: int = Field(1883, ge=1, le=65535, description="MQTT broker port (8883 is usual with TLS).")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version.")
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")] = Field(
+        "edge", description="First topic level(s): topics are {prefix}/{enterprise}/{agent}/..."
+    )
+    client_id: str | None = Field(None, description="MQTT client id; default {enterprise}-{agent}.")
+    username: str | None = Field(None, description="MQTT user name.")
+    password: str | None = Field(None, description="MQTT password.")
+    tls: TlsConfig | None = Field(None, description="TLS settings; plain TCP when omitted.")
+    keepalive: Duration = Field(30.0, ge=5, le=3600, description="MQTT keepalive interval.")
+    inflight: int = Field(
+        100,
+        ge=1,
+        le=10000,
+        description="Messages published but not yet acknowledged (PUBACK). When full the uplink stops "
+        "reading from the store until acknowledgements arrive (backpressure).",
+    )
+    reconnect_min: Duration = Field(1.0, gt=0, description="First reconnect delay; doubles on each failure.")
+    reconnect_max: Duration = Field(60.0, gt=0, description="Cap of the reconnect delay.")
+    connect_timeout: Duration = Field(10.0, gt=0, description="Longest wait for CONNACK.")
+    health_interval: Duration = Field(60.0, ge=1, description="Period of `health` messages.")
+    backlog_rate: int = Field(
+        50000,
+        ge=100,
+        description="Most readings per second replayed from the backlog (hist) beside live data.",
+    )
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> UplinkConfig:
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_max must not be below reconnect_min")
+        return self
+
+
+class StoreConfig(Model):
+    """Where messages wait for the platform and readings are kept; every bound says what happens when full."""
+
+    path: Path = Field(
+        Path("/var/lib/edge-agent/store.db"),
+        description="SQLite file of the store; relative paths are taken from the config file's folder.",
+    )
+    max_mb: float = Field(
+        20480, gt=0,
+        description="Disk cap of the store. When reached, the oldest delivered history is dropped first, then "
+        "the oldest undelivered telemetry (evicted: counted in `health`); alarm events never are.",
+    )
+    min_free_mb: float = Field(
+        512, ge=0, description="Free disk to leave on the store's file system; below it, dropping as for max_mb."
+    )
+    retention: Duration = Field(
+        30 * 86400.0, ge=3600,
+        description="How long readings and alarm events are kept on site (national rule: at least 30 days).",
+    )
+    sync_interval: Duration = Field(
+        1.0, gt=0, le=60,
+        description="Telemetry is synced to disk at least this often: a power loss costs at most this much of it. "
+        "Alarm events are synced as they are stored.",
+    )
+    archive_interval: Duration = Field(
+        60.0, ge=1, le=3600,
+        description="Readings are written to the history archive in chunks this long (longer: smaller on disk).",
+    )
+    shutdown_drain: Duration = Field(
+        3.0, le=60, description="On a clean stop, how long to keep publishing what is stored before exit."
+    )
+
+
+class ZoneConfig(Model):
+    """A hazardous zone watched for crowding (人员聚集)."""
+
+    id: Identifier = Field(description="Zone id, carried in `crowding` events.")
+    name: str = Field("", description="Zone name, e.g. 罐区.")
+    head_count: Identifier = Field(description="Point giving the number of people in the zone.")
+    limit: int = Field(ge=0, description="Most people allowed in the zone at once.")
+    color: Literal["red", "orange", "yellow", "blue"] = Field(description="Risk colour of the zone (红橙黄蓝).")
+    duration: Duration = Field(
+        60.0, ge=0, le=3600,
+        description="Head count above the limit this long raises `crowding` (the ministry's guide: over one minute).",
+    )
+
+
+class MeterConfig(Model):
+    """An electricity meter watched for production during an ordered shutdown, and for daily energy."""
+
+    id: Identifier = Field(description="Meter id.")
+    active_power: Identifier = Field(description="Point of total active power, kW.")
+    total_energy: Identifier | None = Field(None, description="Point of the total forward active energy, kWh.")
+    idle_kw: float = Field(ge=0, description="Idle baseline: while halted, more than this is production.")
+    delay: Duration = Field(900.0, ge=0, le=86400, description="Power above idle this long while halted raises "
+                            "`halt_violation`.")
+    daily_energy: Identifier | None = Field(
+        None, description="Id of the derived point that carries today's energy (kWh), computed from total_energy."
+    )
+    rollover: float = Field(1_000_000.0, gt=0, description="Where the energy register wraps (XXXXXX.XX: 1,000,000).")
+
+
+class PowerConfig(Model):
+    meters: list[MeterConfig] = Field(default_factory=list)
+
+
+class ControlConfig(Model):
+    socket: Path = Field(
+        Path("/run/edge-agent/control.sock"),
+        description="Unix socket of the local CLI (`edge-agent alarms ...`); relative to the config file's folder.",
+    )
+
+
+if TYPE_CHECKING:
+    ChannelConfig = ChannelBase
+else:
+    from agent.drivers import registry as _registry
+
+    _models = tuple(d.channel_model for d in _registry.all_drivers())
+    ChannelConfig = Annotated[
+        Union[_models] if len(_models) > 1 else _models[0],  # noqa: UP007
+        Field(discriminator="driver"),
+    ]
+
+
+class AgentConfig(Model):
+    """The whole configuration file."""
+
+    agent: AgentIdentity
+    uplink: UplinkConfig = Field(default_factory=UplinkConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    channels: list[ChannelConfig] = Field(default_factory=list, description="Field connections.")
+    zones: list[ZoneConfig] = Field(default_factory=list, description="Zones watched for crowding.")
+    power: PowerConfig = Field(default_factory=PowerConfig, description="Meters watched during an ordered shutdown.")
+    control: ControlConfig = Field(default_factory=ControlConfig, description="The local control socket.")
+    version: str = Field("local", max_length=64, description="Configuration version, reported in `status`.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AgentConfig:
+        errors: list[str] = []
+        seen_channels: set[str] = set()
+        seen_points: dict[str, str] = {}
+        for ci, channel in enumerate(self.channels):
+            if channel.id in seen_channels:
+                errors.append(f"channels[{ci}].id: duplicate channel id {channel.id!r}")
+            seen_channels.add(channel.id)
+            seen_devices: set[str] = set()
+            for di, device in enumerate(getattr(channel, "devices", [])):
+                if device.id in seen_devices:
+                    errors.append(f"channels[{ci}].devices[{di}].id: duplicate device id {device.id!r}")
+                seen_devices.add(device.id)
+                for pi, point in enumerate(device.points):
+                    where = f"channels[{ci}].devices[{di}].points[{pi}].id"
+                    if point.id in seen_points:
+                        errors.append(f"{where}: duplicate point id {point.id!r} (also at {seen_points[point.id]})")
+                    else:
+                        seen_points[point.id] = where
+        for ci, channel in enumerate(self.channels):
+            for di, device in enumerate(getattr(channel, "devices", [])):
+                for pi, point in enumerate(device.points):
+                    if point.fault_of is not None and point.fault_of not in seen_points:
+                        errors.append(f"channels[{ci}].devices[{di}].points[{pi}].fault_of: no point "
+                                      f"{point.fault_of!r} in the configuration")
+        for zi, zone in enumerate(self.zones):
+            if zone.head_count not in seen_points:
+                errors.append(f"zones[{zi}].head_count: no point {zone.head_count!r} in the configuration")
+        for mi, meter in enumerate(self.power.meters):
+            for field in ("active_power", "total_energy"):
+                ref = getattr(meter, field)
+                if ref is not None and ref not in seen_points:
+                    errors.append(f"power.meters[{mi}].{field}: no point {ref!r} in the configuration")
+            if meter.daily_energy is not None:
+                if meter.daily_energy in seen_points:
+                    errors.append(f"power.meters[{mi}].daily_energy: {meter.daily_energy!r} is already a point")
+                if meter.total_energy is None:
+                    errors.append(f"power.meters[{mi}].daily_energy: needs total_energy to compute from")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def points(self) -> list[tuple[ChannelBase, DeviceBase, PointBase]]:
+        """Every point with its channel and device, in file order."""
+        out: list[tuple[ChannelBase, DeviceBase, PointBase]] = []
+        for channel in self.channels:
+            for device in getattr(channel, "devices", []):
+                for point in device.points:
+                    out.append((channel, device, point))
+        return out
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; `errors` holds one line per problem, each with its path."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+
+def _render_loc(loc: tuple[int | str, ...], drivers: set[str]) -> str:
+    out = ""
+    prev: int | str | None = None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(prev, int) and part in drivers:
+            pass  # the discriminated-union tag pydantic inserts after channels[i]
+        else:
+            out += f".{part}" if out else part
+        prev = part
+    return out
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per error: `channels[0].devices[1].points[3].type: 'floa32' is not one of ...`."""
+    from agent.drivers import registry
+
+    drivers = {d.name for d in registry.all_drivers()}
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        where = _render_loc(tuple(err["loc"]), drivers) or "(top level)"
+        kind = err["type"]
+        ctx = err.get("ctx") or {}
+        value = err.get("input")
+        if kind == "literal_error":
+            msg = f"{value!r} is not one of {ctx.get('expected')}"
+        elif kind == "extra_forbidden":
+            msg = "unknown field (check the spelling; `edge-agent config schema` lists the fields)"
+        elif kind == "missing":
+            msg = "required field is missing"
+        elif kind == "union_tag_invalid":
+            msg = f"driver {ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
+        elif kind == "union_tag_not_found":
+            msg = f"field {ctx.get('discriminator')} is missing (one of {', '.join(sorted(drivers))})"
+        elif kind in ("value_error", "assertion_error"):
+            msg = str(ctx.get("error", err["msg"]))
+            # the cross-field check reports several located errors in one message
+            if where == "(top level)" and msg.startswith(("channels[", "zones[", "power.")):
+                lines.extend(msg.split("; "))
+                continue
+        else:
+            msg = f"{err['msg']} (got {value!r})" if not isinstance(value, dict | list) else err["msg"]
+        lines.append(f"{where}: {msg}")
+    return lines
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    """Read, parse and validate a configuration file; raise ConfigError naming every problem."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [f"cannot read: {exc}"]) from None
+    return parse_config(text, source=source, base_dir=path.parent)
+
+
+def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> AgentConfig:
+    """Validate YAML text; relative store paths are resolved against base_dir."""
+    try:
+        data = yaml_stream.load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"{where}YAML syntax error: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the file must be a YAML mapping with at least `agent:`"])
+    return validate_config_data(data, source=source, base_dir=base_dir)
+
+
+def validate_config_data(data: dict[str, Any], *, source: str, base_dir: Path | None) -> AgentConfig:
+    try:
+        config = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, format_validation_error(exc)) from None
+    if base_dir is not None:
+        resolved = _resolve_paths(config, base_dir)
+        assert isinstance(resolved, AgentConfig)
+        config = resolved
+    return config
+
+
+def _resolve_paths(value: Any, base: Path) -> Any:
+    """Relative file names anywhere in the configuration (store, socket, certificates) are taken from the
+    config file's folder, so the daemon finds them whatever its working directory."""
+    if isinstance(value, Path):
+        return value if value.is_absolute() else (base / value).resolve()
+    if isinstance(value, list):
+        items = [_resolve_paths(v, base) for v in value]
+        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+    if isinstance(value, Model):
+        update = {}
+        for name in type(value).model_fields:
+            current = getattr(value, name)
+            new = _resolve_paths(current, base)
+            if new is not current:
+                update[name] = new
+        return value.model_copy(update=update) if update else value
+    return value
+
+
+def config_schema() -> dict[str, Any]:
+    return AgentConfig.model_json_schema()

@@ -1,0 +1,94 @@
+"""Wire encoding of the uplink contract (docs/protocol.md): data and alarm bodies, status and health.
+
+A stored message keeps its body without `v`, `seq` and `hist`; `frame` adds them when it is published,
+so one stored body serves both a live send and a backlog replay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from agent.config.points import PointInfo
+from agent.pipeline.decode import QUALITY_NAMES, ReadingBatch
+from agent.rules.engine import AlarmEvent
+from agent.store.db import KIND_ALARM, KIND_DATA
+
+__all__ = ["KIND_ALARM", "KIND_DATA", "alarm_body", "data_body", "encode", "frame", "identity_fields"]
+
+KIND_NAMES = {KIND_ALARM: "alarm", KIND_DATA: "data"}
+
+_QUALITY_TAIL = tuple(f',"quality":"{name}"}}' for name in QUALITY_NAMES)
+
+
+def identity_fields(agent: str, enterprise: str) -> str:
+    """The `"agent":..,"enterprise":..,` part every data and alarm body starts with."""
+    return f'"agent":{orjson.dumps(agent).decode()},"enterprise":{orjson.dumps(enterprise).decode()},'
+
+
+def _value_json(info: PointInfo, value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    return str(info.json_float % value)
+
+
+def data_body(identity: str, points: list[PointInfo], batches: list[ReadingBatch]) -> tuple[bytes, int]:
+    """The stored body of one `data` message and the number of readings in it."""
+    parts: list[str] = []
+    append = parts.append
+    for batch in batches:
+        stamps = [str(t) for t in batch.stamps] if batch.stamps is not None else None
+        ts = str(batch.ts)
+        for n, (index, value, quality) in enumerate(zip(batch.indices, batch.values, batch.qualities, strict=True)):
+            info = points[index]
+            if stamps is not None:
+                ts = stamps[n]
+            if value is None:
+                text = "null"
+            elif value is True:
+                text = "true"
+            elif value is False:
+                text = "false"
+            elif type(value) is float:
+                text = info.json_float % value
+            else:
+                text = _value_json(info, value)
+            append(f"{info.json_head}{ts},\"value\":{text}{_QUALITY_TAIL[quality]}")
+    body = identity + '"readings":[' + ",".join(parts) + "]}"
+    return body.encode(), len(parts)
+
+
+def alarm_body(identity: str, event: AlarmEvent) -> bytes:
+    fields: dict[str, Any] = {
+        "id": event.id,
+        "point": event.point,
+        "type": event.type,
+        "level": event.level,
+        "state": event.state,
+        "value": event.value,
+        "limit": event.limit,
+        "unit": event.unit,
+        "ts": event.ts,
+    }
+    if event.zone is not None:
+        fields["zone"] = event.zone
+        fields["color"] = event.color
+    if event.message:
+        fields["message"] = event.message
+    return identity.encode() + orjson.dumps(fields)[1:]
+
+
+def frame(seq: int, hist: bool, body: bytes) -> bytes:
+    """The published payload: the versioned header, then the stored body."""
+    return b'{"v":1,"seq":%d,"hist":%s,%s' % (seq, b"true" if hist else b"false", body)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return orjson.dumps({"v": 1, **message})
