@@ -25,7 +25,7 @@ class DriverError(AgentError, OSError):
     """A device or its link failed; the poll yields `bad` readings and the device is backed off."""
 
 
-class LinkError(DriverError):
+class LinkError(DriverError, ConnectionError):
     """The link to the device (socket, serial port, session) could not be opened or broke."""
 
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,35 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def now_ms() -> int:
+    """The wall clock in ms: what the agent stamps a reading with when the device gives no time of its own."""
+    return int(time.time() * 1000)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `condition()` every 50 ms until it holds; fail saying `what` was awaited once `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"not within {timeout:g} s: {what}")
+        time.sleep(0.05)
+
+
+def processed_past(platform: Any, ts: int, *points: str) -> bool:
+    """True once the platform holds a reading of each of `points` sampled after `ts` (ms) and no data or alarm
+    message is missing below it (seq from 1, no gap).
+
+    The agent stores the alarm events a reading causes before the data message holding that reading
+    (agent/pipeline/ingest.py), so every event due from the readings up to `ts` has then arrived: a check that
+    an alarm was *not* raised is judged on readings the agent has demonstrably processed.
+    """
+    readings = platform.readings()
+    if not all(any(r.point == point and r.ts > ts for r in readings) for point in points):
+        return False
+    agents = platform.report().agents.values()
+    return bool(agents) and all(a.seq_min == 1 and a.missing == 0 for a in agents)
 
 
 class Mosquitto:
@@ -93,6 +122,7 @@ class AgentProcess:
         self.config_path = workdir / "agent.yaml"
         self.config_path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
         self.log_path = workdir / "agent.log"
+        self.agent_id = (config.get("agent") or {}).get("id")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
@@ -126,6 +156,21 @@ class AgentProcess:
         code = self.proc.returncode
         self.proc = None
         return int(code)
+
+    def stop_seen_by(self, platform: Any, timeout: float = 20) -> int:
+        """`stop`, then wait until `platform` has the offline status the agent sent on its way out.
+
+        A clean stop sends it after its drain, once the broker has acknowledged everything stored, and the broker
+        hands messages on in order: whatever the platform lacks then was never delivered.
+        """
+        since = now_ms()
+        code = self.stop(timeout)
+        if code == 0:
+            wait_until(lambda: any(s["agent"] == self.agent_id and s["online"] is False and s.get("ts", -1) >= since
+                                   for s in platform.statuses()),
+                       timeout, f"the offline status of agent {self.agent_id} at the platform after a clean stop\n"
+                       f"{self.log()[-2000:]}")
+        return code
 
 
 @pytest.fixture

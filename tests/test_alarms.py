@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from agent.config.models import parse_config
 from agent.config.points import PointTable
-from agent.pipeline.decode import BAD, GOOD, ReadingBatch
-from agent.rules.engine import AlarmEngine, AlarmEvent
+from agent.core import BAD, GOOD, AlarmEvent, ReadingBatch
+from agent.rules.engine import AlarmEngine
 
 CONFIG = """
 agent: {id: a1, enterprise: "e1"}

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.core import KIND_DATA
+from agent.store import Store
 from agent.store.archive import ArchiveBuffer, decode_chunk, encode_chunk
-from agent.store.db import KIND_DATA, Store
 
 
 def f32(x: float) -> float:

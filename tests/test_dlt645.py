@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from agent.config.models import AgentConfig, ConfigError, parse_config, validate_config_data
+from agent.core import BAD, GOOD, ReadingBatch
 from agent.drivers.dlt645 import driver as dlt645
 from agent.drivers.dlt645.driver import (
     DataFormat,
@@ -31,9 +32,9 @@ from agent.drivers.dlt645.driver import (
     NoReply,
     split_frame,
 )
-from agent.pipeline.decode import BAD, GOOD, ReadingBatch
 from agent.pipeline.ingest import Pipeline
-from agent.store.db import Store
+from agent.pipeline.poller import Poller
+from agent.store import Store
 from simulators import dlt645 as sim_codec
 from simulators.dlt645 import Dlt645BusSimulator
 
@@ -354,7 +355,7 @@ class Recorder:
             ingest(batch)
             self.ingested.set()
 
-        pipeline.ingest = record  # type: ignore[method-assign]
+        self.poller = Poller(pipeline.table, record)
 
     def count(self, device: str, quality: int) -> int:
         return sum(1 for b in self.by_device[device] if all(q == quality for q in b.qualities))
@@ -376,14 +377,14 @@ def test_meters_on_one_bus_are_polled_in_turn_and_a_dead_one_costs_the_others_no
     config = site(bus_channel(*(meter(f"m{n}", f"00000000000{n}", dis, interval=0.3, backoff_max=0.6, timeout=0.3)
                                 for n in (1, 2, 3, 4)), response_timeout=0.15))
 
-    async def main() -> tuple[Recorder, Pipeline, list[Any]]:
+    async def main() -> tuple[Recorder, list[Any]]:
         async with simulated(config, tmp_path) as (sim, _, channel):
             sim.set_meter_dead("bus", "m2", True)
             cfg = config.model_copy(update={"channels": [channel]})
             with Store(tmp_path / "store.db").open() as store:
                 pipeline = Pipeline(cfg, store)
                 recorder = Recorder(pipeline)
-                task = asyncio.create_task(pipeline.run_channel(channel))
+                task = asyncio.create_task(recorder.poller.run_channel(channel))
                 asked_dead = lambda: sum(1 for r in sim.requests if r[2] == "000000000002")  # noqa: E731
                 try:
                     await recorder.until(lambda: all(recorder.count(d, GOOD) >= 3 for d in ("m1", "m3", "m4"))
@@ -393,13 +394,13 @@ def test_meters_on_one_bus_are_polled_in_turn_and_a_dead_one_costs_the_others_no
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
             heard = list(sim.requests)
-        return recorder, pipeline, heard
+        return recorder, heard
 
-    recorder, pipeline, heard = asyncio.run(main())
+    recorder, heard = asyncio.run(main())
     for device in ("m1", "m3", "m4"):
         assert all(q == GOOD for b in recorder.by_device[device] for q in b.qualities), device
     assert all(q == BAD for b in recorder.by_device["m2"] for q in b.qualities)
-    slot = next(s for s in pipeline.table.devices if s.device.id == "m2")
+    slot = next(s for s in recorder.poller.devices if s.device.id == "m2")
     assert slot.state == "failing" and slot.last_error is not None and "no reply" in slot.last_error
     # the dead meter was asked its first DI only (the rest skipped), with one retry, and asked again later
     dead = [di for _, _, address, _, di in heard if address == "000000000002"]
@@ -423,18 +424,18 @@ def test_readings_resume_after_the_adapter_is_pulled_and_plugged_back(tmp_path: 
             with Store(tmp_path / "store.db").open() as store:
                 pipeline = Pipeline(cfg, store)
                 recorder = Recorder(pipeline)
-                task = asyncio.create_task(pipeline.run_channel(channel))
+                task = asyncio.create_task(recorder.poller.run_channel(channel))
                 try:
                     await recorder.until(lambda: recorder.count("m1", GOOD) >= 3, "first readings")
                     sim.set_channel_down("bus", True)
                     await recorder.until(lambda: recorder.count("m1", BAD) >= 3, "bad readings while unplugged")
-                    error = pipeline.table.devices[0].last_error or ""
-                    down = not pipeline.drivers["bus"].connected
+                    error = recorder.poller.devices[0].last_error or ""
+                    down = not recorder.poller.drivers["bus"].connected
                     sim.set_value("m1-02010100", 233.3)
                     sim.set_channel_down("bus", False)
                     await recorder.until(lambda: any(b.values[0] == 233.3 for b in recorder.by_device["m1"]),
                                 "readings after re-plugging")
-                    up = pipeline.drivers["bus"].connected
+                    up = recorder.poller.drivers["bus"].connected
                 finally:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)

@@ -10,9 +10,10 @@ import pytest
 
 from agent.config.models import AgentConfig, parse_config
 from agent.config.points import PointTable
-from agent.pipeline.decode import BAD, GOOD, ReadingBatch
+from agent.core import BAD, GOOD, AlarmEvent, ReadingBatch
+from agent.errors import ResetRefused
 from agent.rules.energy import DailyEnergy
-from agent.rules.engine import AlarmEngine, AlarmEvent, ResetRefused
+from agent.rules.engine import AlarmEngine
 
 SITE = """
 agent: {id: a1, enterprise: "e1"}

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from agent.config.models import load_config
-from agent.store.db import Store
+from agent.store import Store
 from simulators.platform import PlatformSimulator
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.store.db import Store
+from agent.store import Store
 
 
 def history(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,7 @@ import pytest
 
 from agent.config.models import AgentConfig, ConfigError, validate_config_data
 from agent.config.points import PointTable
+from agent.core import BAD, GOOD, ReadingBatch
 from agent.drivers.modbus.codec import ModbusError, parse_read_reply, read_request
 from agent.drivers.modbus.rtu import (
     ModbusRtuChannel,
@@ -27,9 +28,10 @@ from agent.drivers.modbus.rtu import (
     crc16,
     frame,
 )
-from agent.pipeline.decode import BAD, GOOD, ReadingBatch, decode
+from agent.pipeline.decode import decode
 from agent.pipeline.ingest import Pipeline
-from agent.store.db import Store
+from agent.pipeline.poller import Poller
+from agent.store import Store
 from simulators import modbus_rtu as sim_rtu
 from simulators.modbus_rtu import RtuBusSimulator
 
@@ -310,7 +312,7 @@ class Recorder:
         self.by_device: dict[str, list[ReadingBatch]] = {}
         self._device_of = {p.index: p.device for p in pipeline.table.points}
         self._ingest = pipeline.ingest
-        pipeline.ingest = self  # type: ignore[method-assign]
+        self.poller = Poller(pipeline.table, self)
 
     def __call__(self, batch: ReadingBatch) -> None:
         self.by_device.setdefault(self._device_of[batch.indices[0]], []).append(batch)
@@ -333,14 +335,14 @@ def test_a_dead_and_a_slow_slave_never_cost_the_others_their_readings(tmp_path: 
     devices = [gas_device(u, interval=0.4, timeout=0.4, backoff_max=0.8) for u in (1, 2, 3, 4, 5)]
     config = site(rtu_channel(*devices))
 
-    async def main() -> tuple[Recorder, Pipeline, int]:
+    async def main() -> tuple[Recorder, int]:
         async with serving(config, tmp_path) as (sim, cfg):
             sim.set_slave_dead("bus", "g2", True)
             sim.set_slave_delay("bus", "g4", 0.25)  # slow, but within its timeout
             with Store(tmp_path / "store.db").open() as store:
                 pipeline = Pipeline(cfg, store)
                 recorder = Recorder(pipeline)
-                task = asyncio.create_task(pipeline.run_channel(cfg.channels[0]))
+                task = asyncio.create_task(recorder.poller.run_channel(cfg.channels[0]))
                 try:
                     await until(lambda: all(recorder.count(d, GOOD) >= 8 for d in ("g1", "g3", "g4", "g5"))
                                 and recorder.count("g2", BAD) >= 4, "eight good polls of every live slave")
@@ -348,15 +350,15 @@ def test_a_dead_and_a_slow_slave_never_cost_the_others_their_readings(tmp_path: 
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
                 heard = sim.requests_heard("bus", "g2")
-        return recorder, pipeline, heard
+        return recorder, heard
 
-    recorder, pipeline, heard = asyncio.run(main())
+    recorder, heard = asyncio.run(main())
     for device in ("g1", "g3", "g4", "g5"):
         batches = recorder.by_device[device]
         assert all(q == GOOD for b in batches for q in b.qualities), f"{device} had a bad reading"
     dead = recorder.by_device["g2"]
     assert dead and all(q == BAD for b in dead for q in b.qualities)
-    slot = next(s for s in pipeline.table.devices if s.device.id == "g2")
+    slot = next(s for s in recorder.poller.devices if s.device.id == "g2")
     assert slot.state == "failing" and slot.last_error is not None and "no reply" in slot.last_error
     assert heard >= 2  # the dead slave was asked again (after its back-off), not given up
 
@@ -374,14 +376,14 @@ def test_readings_resume_after_the_serial_adapter_is_pulled_and_plugged_back(tmp
             with Store(tmp_path / "store.db").open() as store:
                 pipeline = Pipeline(cfg, store)
                 recorder = Recorder(pipeline)
-                task = asyncio.create_task(pipeline.run_channel(cfg.channels[0]))
+                task = asyncio.create_task(recorder.poller.run_channel(cfg.channels[0]))
                 try:
                     await until(lambda: recorder.count("g1", GOOD) >= 3, "first readings")
                     sim.unplug("bus")
                     await until(lambda: recorder.count("g1", BAD) >= 3, "bad readings while unplugged")
-                    slot = pipeline.table.devices[0]
+                    slot = recorder.poller.devices[0]
                     errors = [slot.last_error or ""]
-                    link_down = not pipeline.drivers["bus"].connected
+                    link_down = not recorder.poller.drivers["bus"].connected
                     sim.set_value("GT-101", 44.0)
                     await sim.replug("bus")
                     await until(lambda: any(b.values[0] == pytest.approx(44.0)

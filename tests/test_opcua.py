@@ -18,9 +18,9 @@ import pytest
 
 from agent.config.models import AgentConfig, ConfigError, validate_config_data
 from agent.config.points import PointTable
+from agent.core import DeviceRead
 from agent.drivers.opcua import driver as opcua
 from agent.drivers.opcua.driver import OpcUaChannel, OpcUaDevice, OpcUaDriver, OpcUaError
-from agent.drivers.registry import DeviceRead
 from agent.pipeline.decode import BAD, GOOD, UNCERTAIN, decode
 from simulators.opcua import OpcUaSimulator, client_certificate
 
@@ -406,7 +406,8 @@ def test_pipeline_reports_bad_during_a_restart_and_good_after_it(tmp_path: Path)
 
     async def run() -> dict[str, Any]:
         from agent.pipeline.ingest import Pipeline
-        from agent.store.db import Store
+        from agent.pipeline.poller import Poller
+        from agent.store import Store
 
         sim = OpcUaSimulator(config, folder=tmp_path, period=3600)
         await sim.start()
@@ -422,8 +423,8 @@ def test_pipeline_reports_bad_during_a_restart_and_good_after_it(tmp_path: Path)
                                                                strict=True))
                 ingest(batch)
 
-            pipeline.ingest = record  # type: ignore[method-assign]
-            task = asyncio.create_task(pipeline.run_channel(channel))
+            poller = Poller(pipeline.table, record)
+            task = asyncio.create_task(poller.run_channel(channel))
 
             try:
                 await sim.set_value("ZONE1", 1)
@@ -435,7 +436,7 @@ def test_pipeline_reports_bad_during_a_restart_and_good_after_it(tmp_path: Path)
                 await until(lambda: ("ZONE1", 2, GOOD) in seen and ("ZONE1-s", 2, GOOD) in seen)
                 await sim.set_value("ZONE1", 3)  # through the re-created subscription
                 await until(lambda: ("ZONE1-s", 3, GOOD) in seen)
-                return pipeline.health()
+                return {"channels": poller.health(cfg.channels)}
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -5,11 +5,11 @@ events at the platform simulator; and the platform's commands (reset, production
 from __future__ import annotations
 
 import itertools
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import now_ms, processed_past
 
 from agent.config.models import validate_config_data
 from simulators.platform import PlatformSimulator
@@ -75,8 +75,9 @@ def test_gas_leak_raises_both_levels_latches_and_is_reset_by_the_platform(
     early = command(platform, "early", cmd="reset", alarm="GT-201/high")
     assert not early["ok"] and "not raised" in early["error"]
     sims.loop.run(sim.run_scenario("gas_leak", speed=4))
+    ended = now_ms()  # the value is back below both limits: a clear (no delay) would be due by the next reading
     assert platform.wait_for(lambda p: any(r.point == "GT-201" and r.value < 20 for r in p.readings()[-5:]), 20)
-    time.sleep(1)
+    assert platform.wait_for(lambda p: processed_past(p, ended, "GT-201"), 20), agent.log()[-2000:]
     assert events(platform, "GT-201") == [("high", "raised"), ("high_high", "raised")], "latched: no clear"
     assert command(platform, "r1", cmd="reset", alarm="GT-201/high_high")["ok"]
     assert command(platform, "r2", cmd="reset", alarm="GT-201/high")["ok"]
@@ -105,8 +106,10 @@ def test_detector_fault_is_reported_apart_from_the_concentration_alarms(
     channel["port"] = sim.ports["c1"]
     platform, agent = start_all(site([channel], broker.port, tmp_path), broker, agent_process)
     sims.loop.run(sim.run_scenario("detector_fault", speed=5))
+    ended = now_ms()  # any other event of the scenario is due by then, a limit alarm one on-delay later
     assert platform.wait_for(lambda p: len(events(p, "GT-201")) >= 2, 10)
-    time.sleep(1)
+    due = ended + GAS["limits"]["delay"] * 1000
+    assert platform.wait_for(lambda p: processed_past(p, due, "GT-201", "GT-201-F"), 15), agent.log()[-2000:]
     assert agent.stop() == 0
     assert events(platform, "GT-201") == [("fault", "raised"), ("fault", "cleared")]
     assert events(platform, "GT-201-F") == []
@@ -128,8 +131,11 @@ def test_tank_overfill_with_a_fast_rise_gives_rate_then_both_levels_each_cleared
     channel["port"] = sim.ports["c1"]
     platform, agent = start_all(site([channel], broker.port, tmp_path), broker, agent_process)
     sims.loop.run(sim.run_scenario("tank_overfill", speed=2))
+    ended = now_ms()
     assert platform.wait_for(lambda p: ("high", "cleared") in events(p, "LT-101"), 20)
-    time.sleep(12)  # the rate window passes, the rate alarm may clear
+    # the rate is settled once a whole rate window of readings has followed the scenario's last move
+    due = ended + level["limits"]["rate_window"] * 1000
+    assert platform.wait_for(lambda p: processed_past(p, due, "LT-101"), 30), agent.log()[-2000:]
     assert agent.stop() == 0
     got = events(platform, "LT-101")
     for kind in ("rate", "high", "high_high"):
@@ -183,7 +189,10 @@ def test_production_during_an_ordered_shutdown_raises_halt_violation(
     assert command(platform, "s1", cmd="status")["result"]["production_state"] == "normal", "a refusal changes nothing"
     assert command(platform, "s2", cmd="set_production_state", state="halted")["ok"]
     sims.loop.run(sim.run_scenario("production_during_shutdown", speed=3))
+    ended = now_ms()
     assert platform.wait_for(lambda p: len(events(p, "PW-M1")) >= 2, 15), agent.log()[-2000:]
+    due = ended + power["meters"][0]["delay"] * 1000  # a second violation would be due by then
+    assert platform.wait_for(lambda p: processed_past(p, due, "PW-M1"), 15), agent.log()[-2000:]
     assert agent.stop() == 0
     assert events(platform, "PW-M1") == [("halt_violation", "raised"), ("halt_violation", "cleared")]
     daily = [r for r in platform.readings() if r.point == "EP-M1.day"]
@@ -246,11 +255,12 @@ def test_field_engineer_lists_and_resets_a_latched_alarm_with_the_cli(
     assert platform.wait_for(lambda p: ("high", "raised") in events(p, "GT-201"), 15)
     sims.loop.call(sim.set_value, "GT-201", 2.0)
     assert platform.wait_for(lambda p: any(r.point == "GT-201" and r.value < 3 for r in p.readings()[-3:]), 10)
-    time.sleep(0.5)
     assert agent.stop() == 0  # a restart keeps the latched alarm, without raising it again
+    restarted = now_ms()
     agent = agent_process(site([channel], broker.port, tmp_path)).start()
     assert platform.wait_for(lambda p: sum(1 for s in p.statuses() if s.get("online")) >= 2, 30)
-    time.sleep(1.5)
+    due = restarted + GAS["limits"]["delay"] * 1000  # a raise from the restored state would be due by then
+    assert platform.wait_for(lambda p: processed_past(p, due, "GT-201"), 20), agent.log()[-2000:]
     assert events(platform, "GT-201") == [("high", "raised")]
     listed = cli("alarms", "list")
     assert listed.returncode == 0 and "GT-201/high\tlatched" in listed.stdout

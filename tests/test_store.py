@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.store.db import Store
-from agent.uplink.messages import KIND_ALARM, KIND_DATA
+from agent.core import KIND_ALARM, KIND_DATA
+from agent.store import Store
 
 
 def test_seq_keeps_rising_across_reopen_even_when_everything_was_acknowledged(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from agent.config.points import PointTable
-from agent.pipeline.decode import GOOD, ReadingBatch
-from agent.store.db import KIND_DATA, Store
-from agent.uplink.messages import data_body, identity_fields
+from agent.core import GOOD, KIND_DATA, ReadingBatch
+from agent.messages import data_body, identity_fields
+from agent.store import Store
 from simulators.modbus import synthetic_config, synthetic_data
 from simulators.platform import PlatformSimulator
 

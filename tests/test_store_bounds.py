@@ -6,8 +6,9 @@ import sqlite3
 import time
 from pathlib import Path
 
+from agent.core import KIND_ALARM, KIND_DATA
+from agent.store import Store
 from agent.store.archive import ArchiveBuffer
-from agent.store.db import KIND_ALARM, KIND_DATA, Store
 from agent.store.upkeep import Upkeep, UpkeepConfig
 
 

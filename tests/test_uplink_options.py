@@ -13,7 +13,7 @@ import pytest
 from conftest import Mosquitto, free_port
 
 from agent.config.models import validate_config_data
-from agent.store.db import Store
+from agent.store import Store
 from simulators.platform import PlatformSimulator
 
 POINTS = [{"id": "LT-1", "address": 0, "type": "float32", "unit": "m"},

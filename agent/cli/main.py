@@ -17,7 +17,8 @@ from typing import Any, NoReturn
 import click
 
 from agent import __version__
-from agent.config.models import ConfigError, config_schema, load_config
+from agent.config.models import config_schema, load_config
+from agent.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 
@@ -104,15 +105,18 @@ def config_schema_cmd() -> None:
               "else the built-in one).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Site to simulate (default: the demo site shipped with the demo).")
-def demo(duration: float | None, broker: str | None, config_path: Path | None) -> None:
+@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PATH",
+              help="Also write the summary to PATH as one JSON object (counts, valid readings per protocol, ok).")
+def demo(duration: float | None, broker: str | None, config_path: Path | None, summary_json: Path | None) -> None:
     """Run simulators, a broker, the agent and the platform simulator together; report what arrived."""
     try:  # the demo ships apart from the product (the devtools distribution); never a static import
         demo_module = importlib.import_module("simulators.demo")
     except ImportError as exc:
-        _fail(f"the demo is not installed ({exc.name} is missing): pip install ./devtools, "
-              "or run scripts/demo.sh from a checkout", 2)
+        _fail(f"the demo is not installed (module {exc.name} is missing): install the edge-agent-devtools "
+              "distribution beside edge-agent (from a checkout: pip install ./devtools)", EXIT_BAD_INPUT)
     try:
-        ok = bool(demo_module.run_demo(duration=duration, broker=broker, config_path=config_path))
+        ok = bool(demo_module.run_demo(duration=duration, broker=broker, config_path=config_path,
+                                       summary_json=summary_json))
     except demo_module.DemoError as exc:
         _fail(str(exc), 1)
     sys.exit(0 if ok else 1)

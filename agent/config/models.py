@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from agent.config import yaml_stream
 from agent.config.base import ChannelBase, DeviceBase, Duration, Identifier, Model, PointBase
+from agent.errors import ConfigError
 
 
 class AgentIdentity(Model):
@@ -227,15 +228,6 @@ class AgentConfig(Model):
                 for point in device.points:
                     out.append((channel, device, point))
         return out
-
-
-class ConfigError(Exception):
-    """A configuration file that cannot be used; `errors` holds one line per problem, each with its path."""
-
-    def __init__(self, source: str, errors: list[str]) -> None:
-        self.source = source
-        self.errors = errors
-        super().__init__(f"{source}: " + "; ".join(errors))
 
 
 def _render_loc(loc: tuple[int | str, ...], drivers: set[str]) -> str:

@@ -44,9 +44,6 @@ class DeviceSlot:
     channel: ChannelBase
     device: DeviceBase
     indices: list[int] = field(default_factory=list)
-    state: str = "ok"
-    last_error: str | None = None
-    failures: int = 0
 
 
 class PointTable:

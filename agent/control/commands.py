@@ -16,7 +16,7 @@ import orjson
 from pydantic import Field, TypeAdapter, ValidationError
 
 from agent.config.base import Model
-from agent.rules.engine import ResetRefused
+from agent.errors import ResetRefused
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
-"""A serial port (an RS-485 bus) on the event loop: pyserial opens and configures it, reads arrive through a
-reader callback, so no thread blocks. Used by every serial protocol driver and by the probes.
+"""The byte links the drivers share: a serial port (an RS-485 bus) on the event loop, and a TCP socket with the
+same reading interface (for RTU framed over TCP through a serial device server). pyserial opens and configures
+the port; reads arrive through a reader callback, so no thread blocks.
 
-It frames nothing: it moves bytes, knows the time one character takes on the wire, and reports a port that
-disappeared (a USB adapter pulled) as ConnectionError so the driver can reopen it.
+A link frames nothing: it moves bytes, knows the time one character takes on the wire (serial), and reports a
+port or socket that disappeared as LinkError (a ConnectionError) so the driver can reopen it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import asyncio
 import contextlib
 import os
 import termios
-from typing import Any
+from typing import Any, Protocol, cast
+
+from agent.errors import LinkError, NoReply
 
 PARITIES = {"N": "N", "E": "E", "O": "O", "M": "M", "S": "S"}
 
@@ -57,7 +60,7 @@ class SerialLink:
             )
         except (serial.SerialException, ValueError, termios.error) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            raise ConnectionError(f"cannot open serial port {self.port}: {reason}") from None
+            raise LinkError(f"cannot open serial port {self.port}: {reason}") from None
         self._serial = port
         self._lost = None
         self._buffer.clear()
@@ -86,9 +89,9 @@ class SerialLink:
 
     def _check(self) -> None:
         if self._serial is None:
-            raise ConnectionError(f"serial port {self.port} is not open")
+            raise LinkError(f"serial port {self.port} is not open")
         if self._lost is not None:
-            raise ConnectionError(f"serial port {self.port} was lost: {self._lost}")
+            raise LinkError(f"serial port {self.port} was lost: {self._lost}")
 
     async def close(self) -> None:
         port, self._serial = self._serial, None
@@ -124,7 +127,7 @@ class SerialLink:
             self._check()
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise TimeoutError(f"{len(self._buffer)} of {nbytes} bytes before the deadline")
+                raise NoReply(f"{len(self._buffer)} of {nbytes} bytes before the deadline")
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
@@ -149,6 +152,106 @@ class SerialLink:
         data = bytes(self._buffer)
         self._buffer.clear()
         return data
+
+    def peek(self) -> bytes:
+        return bytes(self._buffer)
+
+
+class ByteLink(Protocol):
+    """What a master needs of a byte link: SerialLink or TcpLink."""
+
+    @property
+    def is_open(self) -> bool: ...
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def read(self, nbytes: int, deadline: float) -> bytes: ...
+
+    def discard_input(self) -> bytes: ...
+
+    def peek(self) -> bytes: ...
+
+
+class TcpLink(asyncio.Protocol):
+    """A TCP socket with SerialLink's reading interface: bytes pile up in a buffer a transaction reads by count."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._arrived = asyncio.Event()
+        self._lost: BaseException | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._transport is not None and self._lost is None
+
+    async def open(self) -> None:
+        await self.close()
+        self._lost = None
+        loop = asyncio.get_running_loop()
+        where = f"{self.host}:{self.port}"
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: self, self.host, self.port), self.connect_timeout)
+        except TimeoutError:
+            raise LinkError(f"connect to {where} timed out after {self.connect_timeout:g}s") from None
+        except OSError as exc:
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise LinkError(f"cannot connect to {where}: {reason}") from None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._arrived.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or EOFError("closed by the device server")
+        self._arrived.set()
+
+    def _check(self) -> None:
+        if self._transport is None:
+            raise LinkError(f"{self.host}:{self.port} is not connected")
+        if self._lost is not None:
+            raise LinkError(f"connection to {self.host}:{self.port} lost: {self._lost}")
+
+    async def close(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        self._buffer.clear()
+
+    async def write(self, data: bytes) -> None:
+        self._check()
+        assert self._transport is not None
+        self._transport.write(data)
+
+    async def read(self, nbytes: int, deadline: float) -> bytes:
+        """Wait until `nbytes` are there and take them; TimeoutError at `deadline` (loop time) keeps the partial."""
+        loop = asyncio.get_running_loop()
+        while len(self._buffer) < nbytes:
+            self._check()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise NoReply(f"{len(self._buffer)} of {nbytes} bytes before the deadline")
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        data = bytes(self._buffer[:nbytes])
+        del self._buffer[:nbytes]
+        return data
+
+    def discard_input(self) -> bytes:
+        stale = bytes(self._buffer)
+        self._buffer.clear()
+        return stale
 
     def peek(self) -> bytes:
         return bytes(self._buffer)

@@ -12,34 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.config.base import ChannelBase, DeviceBase
-
-
-class DeviceRead:
-    """One poll of one device.
-
-    `values` has one entry per point of the device, in the device's order, or, when `positions` is given, one
-    per listed position (a driver that only has news for some points, e.g. OPC UA data changes). None means
-    the point could not be read. `timestamps` (ms since the epoch) are the device's own sample times where it
-    has them; `qualities` (agent.pipeline.decode GOOD/UNCERTAIN/BAD) what the device says of each value. `errors` says
-    what went wrong, one line per failed request.
-    """
-
-    __slots__ = ("errors", "positions", "qualities", "timestamps", "values")
-
-    def __init__(
-        self,
-        values: list[Any],
-        errors: list[str] | None = None,
-        *,
-        positions: list[int] | None = None,
-        timestamps: list[int] | None = None,
-        qualities: list[int] | None = None,
-    ) -> None:
-        self.values = values
-        self.errors = errors or []
-        self.positions = positions
-        self.timestamps = timestamps
-        self.qualities = qualities
+from agent.core import DeviceRead
 
 
 class Driver(Protocol):

@@ -9,36 +9,7 @@ import math
 from typing import Any
 
 from agent.config.points import PointInfo
-from agent.drivers.registry import DeviceRead
-
-GOOD, UNCERTAIN, BAD = 0, 1, 2
-QUALITY_NAMES = ("good", "uncertain", "bad")
-
-
-class ReadingBatch:
-    """The readings of one device poll: parallel lists and one sample time, or one per reading in `stamps`."""
-
-    __slots__ = ("indices", "qualities", "stamps", "ts", "values")
-
-    def __init__(
-        self, ts: int, indices: list[int], values: list[Any], qualities: list[int], stamps: list[int] | None = None
-    ) -> None:
-        self.ts = ts
-        self.indices = indices
-        self.values = values
-        self.qualities = qualities
-        self.stamps = stamps
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def times(self) -> list[int]:
-        """The sample time of each reading."""
-        return self.stamps if self.stamps is not None else [self.ts] * len(self.indices)
-
-    def slice(self, start: int, end: int) -> ReadingBatch:
-        stamps = self.stamps[start:end] if self.stamps is not None else None
-        return ReadingBatch(self.ts, self.indices[start:end], self.values[start:end], self.qualities[start:end], stamps)
+from agent.core import BAD, GOOD, UNCERTAIN, DeviceRead, ReadingBatch
 
 
 def decode(points: list[PointInfo], indices: list[int], read: DeviceRead, ts: int) -> ReadingBatch:

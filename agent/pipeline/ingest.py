@@ -1,8 +1,8 @@
-"""The pipeline: channels poll their devices; each poll goes decode → alarms → store as one batch.
+"""Ingest: each poll's batch goes through the alarm rules into the store, and into the archive buffer.
 
-Alarm events are stored at once in their own commit; readings are grouped into `data` messages of at most
-`batch.max_readings`, stored when a message is full or `batch.max_delay` has passed. A failing device is
-backed off, and while it is, each of its poll slots still yields `bad` readings: never silence.
+Alarm events are stored at once in their own synced commit; readings are grouped into `data` messages of at
+most `batch.max_readings`, stored when a message is full or `batch.max_delay` has passed. It never talks to
+the network: the uplink is only woken (`on_stored`) when something new is in the store.
 """
 
 from __future__ import annotations
@@ -10,31 +10,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 import orjson
 
-from agent.config.base import ChannelBase
 from agent.config.models import AgentConfig
-from agent.config.points import DeviceSlot, PointTable
-from agent.drivers import registry
-from agent.drivers.registry import DeviceRead, Driver
-from agent.pipeline.decode import BAD, GOOD, UNCERTAIN, ReadingBatch, bad_batch, decode
+from agent.config.points import PointTable
+from agent.core import BAD, GOOD, KIND_ALARM, KIND_DATA, UNCERTAIN, AlarmEvent, ReadingBatch
+from agent.messages import alarm_body, data_body, identity_fields, read_readings
 from agent.rules.energy import DailyEnergy
-from agent.rules.engine import AlarmEngine, AlarmEvent
+from agent.rules.engine import AlarmEngine
+from agent.store import Store
 from agent.store.archive import ArchiveBuffer
-from agent.store.db import Store
-from agent.uplink.messages import KIND_ALARM, KIND_DATA, alarm_body, data_body, identity_fields
 
 log = logging.getLogger(__name__)
 
 _UNKNOWN = 255
 _MAX_UNSTORED_EVENTS = 100_000  # alarm events held in memory while the store refuses writes
-_QUALITY_CODES = {"good": GOOD, "uncertain": UNCERTAIN, "bad": BAD}
-T = TypeVar("T")
 
 
 class Pipeline:
@@ -55,8 +48,6 @@ class Pipeline:
         self.max_readings = config.uplink.batch.max_readings
         self.max_delay = config.uplink.batch.max_delay
         self.quality = bytearray([_UNKNOWN]) * len(self.table)
-        self.drivers: dict[str, Driver] = {}
-        self.event_listeners: list[Callable[[AlarmEvent], None]] = []
         self._pending: list[ReadingBatch] = []
         self._pending_count = 0
         self._pending_since = 0.0
@@ -67,26 +58,20 @@ class Pipeline:
         self.archive = ArchiveBuffer()
         self._id_of = [p.id for p in self.table.points]
         self._remap_keys()
-        self.production_state = "normal"
         self._restore_state()
 
     def _restore_state(self) -> None:
-        """Alarm states, the production state and the energy counters as they were before the restart."""
+        """Alarm states and the energy counters as they were before the restart."""
         def load() -> None:
             unknown = self.alarms.load(self.store.alarm_states(), int(time.time() * 1000))
             if unknown:
                 log.info("alarms no longer configured, forgotten: %s", ", ".join(sorted(unknown)))
-            self.production_state = str(self.store.meta("production_state", "normal"))
-            restored.extend(self.alarms.set_halted(self.production_state == "halted", int(time.time() * 1000)))
             for energy, _, meter in self._energy.values():
                 saved = self.store.meta(f"energy:{meter}")
                 if saved:
                     energy.restore(orjson.loads(saved))
 
-        restored: list[AlarmEvent] = []
-        self._guard("restoring alarm and production states", load)
-        if restored:  # a violation saved as raised while the state says normal (a crash between two commits)
-            self.store_events(restored)
+        self.store.attempt("restoring alarm states", load)
         raised = self.alarms.active()
         if raised:
             log.info("alarms raised before the restart, still raised: %s", ", ".join(raised))
@@ -98,26 +83,14 @@ class Pipeline:
                     self.store.set_meta(f"energy:{meter}", orjson.dumps(energy.save()).decode())
 
         if self._energy:
-            self._guard("saving energy counters", save)
+            self.store.attempt("saving energy counters", save)
 
     def _remap_keys(self) -> None:
-        """Tell the store every point and which are on/off (history reads those back as booleans)."""
+        """Tell the store every point and which are on/off (history reads those back as booleans); the store
+        tells a file that replaces a damaged one again by itself."""
         bools = frozenset(p.id for p in self.table.points if p.is_bool)
-        self.store.point_keys((p.id for p in self.table.points), bools)
-
-    def _guard(self, what: str, action: Callable[[], T]) -> T | None:
-        """Run a store action; a damaged file is replaced and the action tried again; other errors are logged."""
-        try:
-            return action()
-        except sqlite3.DatabaseError as exc:
-            if self.store.recover_if_corrupt(exc):
-                self._remap_keys()
-                try:
-                    return action()
-                except sqlite3.DatabaseError as again:
-                    exc = again
-            log.error("store: %s failed: %s", what, exc)
-            return None
+        self.store.attempt("registering points", lambda: self.store.point_keys((p.id for p in self.table.points),
+                                                                                bools))
 
     # --- decode → alarms → store -----------------------------------------------------------------
 
@@ -171,7 +144,7 @@ class Pipeline:
                 self.store.save_alarm_states(states)
             return True
 
-        if self._guard("storing alarm events", write) is None:
+        if self.store.attempt("storing alarm events", write) is None:
             if len(bodies) > _MAX_UNSTORED_EVENTS:
                 log.error("alarm events waiting for the store: %d, the oldest beyond %d are dropped",
                           len(bodies), _MAX_UNSTORED_EVENTS)
@@ -182,8 +155,6 @@ class Pipeline:
         for event in events:
             log.log(logging.WARNING if event.state == "raised" else logging.INFO,
                     "alarm %s %s: value %s, limit %s %s", event.id, event.state, event.value, event.limit, event.unit)
-            for listener in self.event_listeners:
-                listener(event)
         self.on_stored()
 
     def flush(self) -> None:
@@ -215,34 +186,9 @@ class Pipeline:
                     self.store.append(KIND_DATA, count, body)
             return True
 
-        if self._guard("storing readings", write) is None:
+        if self.store.attempt("storing readings", write) is None:
             self.lost_readings += sum(count for _, count in messages)
         self.on_stored()
-
-    # --- commands (from the platform or the local CLI) -------------------------------------------
-
-    def reset_alarm(self, alarm_id: str) -> dict[str, Any]:
-        """Reset a latched alarm; raises ResetRefused with the reason when it cannot be."""
-        event = self.alarms.reset(alarm_id, int(time.time() * 1000))
-        self.store_events([event])
-        return {"alarm": alarm_id, "state": "reset"}
-
-    def set_production_state(self, state: str) -> dict[str, Any]:
-        if state not in ("normal", "halted"):
-            raise ValueError(f"production state must be 'normal' or 'halted', not {state!r}")
-        previous, self.production_state = self.production_state, state
-
-        def save() -> None:
-            with self.store.transaction(durable=True):
-                self.store.set_meta("production_state", state)
-
-        self._guard("saving the production state", save)
-        events = self.alarms.set_halted(state == "halted", int(time.time() * 1000))
-        if events:
-            self.store_events(events)
-        if previous != state:
-            log.warning("production state: %s -> %s", previous, state)
-        return {"production_state": state, "previous": previous}
 
     # --- the archive -----------------------------------------------------------------------------
 
@@ -253,7 +199,7 @@ class Pipeline:
             return
         mark = self.store.last_seq()
         chunks = list(self.archive.take())
-        self._guard("writing the archive", lambda: self.store.write_chunks(chunks, mark))
+        self.store.attempt("writing the archive", lambda: self.store.write_chunks(chunks, mark))
 
     def recover_archive(self) -> int:
         """At start: readings of messages stored after the last archive flush (a crash) go to the archive."""
@@ -262,16 +208,15 @@ class Pipeline:
         def replay() -> None:
             nonlocal missing
             for seq, body in self.store.data_rows_after(self.store.archive_mark()):
-                try:
-                    readings = orjson.loads(b"{" + body)["readings"]
-                except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                    log.error("store: message seq %d cannot be read back for the archive: %s", seq, exc)
+                readings = read_readings(body)
+                if readings is None:
+                    log.error("store: message seq %d cannot be read back for the archive", seq)
                     continue
-                for r in readings:  # a point no longer configured keeps its history too
-                    self.archive.add(r["point"], r["ts"], r["value"], _QUALITY_CODES.get(r["quality"], BAD))
+                for point, ts, value, quality in readings:  # a point no longer configured keeps its history too
+                    self.archive.add(point, ts, value, quality)
                     missing += 1
 
-        self._guard("recovering the archive", replay)
+        self.store.attempt("recovering the archive", replay)
         if missing:
             log.info("store: %d readings stored after the last archive flush were added to the archive", missing)
             self.archive_flush()
@@ -297,9 +242,9 @@ class Pipeline:
                         await asyncio.sleep(0)
             except asyncio.CancelledError:
                 rows.extend(taking)  # stopping: what was taken must still be written
-                self._guard("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
+                self.store.attempt("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
                 raise
-            self._guard("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
+            self.store.attempt("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
 
     async def flush_loop(self) -> None:
         """Store a partial batch once its oldest reading has waited max_delay."""
@@ -312,97 +257,9 @@ class Pipeline:
             if self._pending and time.monotonic() - self._pending_since >= self.max_delay:
                 self.flush()
 
-    # --- channels --------------------------------------------------------------------------------
-
-    def slots_of(self, channel: ChannelBase) -> list[DeviceSlot]:
-        return [s for s in self.table.devices if s.channel is channel]
-
-    async def run_channel(self, channel: ChannelBase) -> None:
-        """Poll the devices of one channel in turn, one transaction at a time, until cancelled."""
-        driver = registry.get(channel.driver).factory(channel)
-        self.drivers[channel.id] = driver
-        slots = self.slots_of(channel)
-        loop = asyncio.get_running_loop()
-        due = {id(s): loop.time() for s in slots}
-        retry_at = {id(s): 0.0 for s in slots}
-        try:
-            while True:
-                slot = min(slots, key=lambda s: due[id(s)])
-                delay = due[id(slot)] - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                ts = int(time.time() * 1000)
-                now = loop.time()
-                if slot.failures and now < retry_at[id(slot)]:
-                    self.ingest(bad_batch(slot.indices, ts))
-                else:
-                    read = await self._read(driver, slot)
-                    if read is None:
-                        self.ingest(bad_batch(slot.indices, ts))
-                        failed = True
-                    else:
-                        self.ingest(decode(self.table.points, slot.indices, read, ts))
-                        failed = read.positions is None and all(v is None for v in read.values)
-                    self._device_outcome(slot, read, failed)
-                    if failed:
-                        backoff = min(slot.device.interval * 2 ** (slot.failures - 1), slot.device.backoff_max)
-                        retry_at[id(slot)] = loop.time() + backoff
-                interval = slot.device.interval
-                nxt = due[id(slot)] + interval
-                # a poll that overran skips the missed slots instead of bursting to catch up
-                due[id(slot)] = nxt if nxt > loop.time() else loop.time() + interval
-        finally:
-            await driver.close()
-
-    async def _read(self, driver: Driver, slot: DeviceSlot) -> DeviceRead | None:
-        try:
-            return await driver.read(slot.device)
-        except (OSError, TimeoutError, EOFError) as exc:
-            slot.last_error = str(exc) or type(exc).__name__
-        except Exception as exc:  # a driver bug must cost this poll, not the channel
-            log.exception("channel %s device %s: driver failed", slot.channel.id, slot.device.id)
-            slot.last_error = f"driver error: {exc!r}"
-        return None
-
-    def _device_outcome(self, slot: DeviceSlot, read: DeviceRead | None, failed: bool) -> None:
-        where = f"channel {slot.channel.id} device {slot.device.id}"
-        if read is not None and read.errors:
-            slot.last_error = "; ".join(read.errors)
-        if failed:
-            slot.failures += 1
-            if slot.state != "failing":
-                log.warning("%s: not answering: %s", where, slot.last_error)
-            slot.state = "failing"
-            return
-        if slot.state == "failing":
-            log.info("%s: answering again", where)
-        if read is not None and read.errors:
-            if slot.state != "partial":
-                log.warning("%s: some points unreadable: %s", where, slot.last_error)
-            slot.state = "partial"
-        else:
-            slot.state = "ok"
-            slot.last_error = None
-        slot.failures = 0
-
     # --- health ----------------------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        channels = []
-        for channel in self.config.channels:
-            driver = self.drivers.get(channel.id)
-            channels.append({
-                "id": channel.id,
-                "link": "up" if driver is not None and driver.connected else "down",
-                "devices": [
-                    {"id": s.device.id, "state": "ok" if s.state == "ok" else "failing", "last_error": s.last_error}
-                    for s in self.slots_of(channel)
-                ],
-            })
+    def point_counts(self) -> dict[str, int]:
+        """How many points stand good, uncertain and bad (never read counts as bad)."""
         q = self.quality
-        return {
-            "channels": channels,
-            "points": {"good": q.count(GOOD), "uncertain": q.count(UNCERTAIN),
-                       "bad": q.count(BAD) + q.count(_UNKNOWN)},
-        }
-
+        return {"good": q.count(GOOD), "uncertain": q.count(UNCERTAIN), "bad": q.count(BAD) + q.count(_UNKNOWN)}

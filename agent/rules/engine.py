@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 from array import array
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.config.points import PointInfo, PointTable
-from agent.pipeline.decode import BAD, ReadingBatch
+from agent.core import BAD, AlarmEvent, ReadingBatch
+from agent.errors import ResetRefused
 
 if TYPE_CHECKING:
     from agent.config.models import AgentConfig
@@ -28,29 +28,6 @@ _LIMIT_KINDS = (
     ("low_low", 2, "low_low", -1),
 )
 NORMAL, RAISED, LATCHED = "normal", "raised", "latched"  # latched: raised, condition gone, waiting for reset
-
-
-@dataclass(slots=True)
-class AlarmEvent:
-    point: str
-    type: str
-    level: int
-    state: str
-    value: Any
-    limit: float | None
-    unit: str
-    ts: int
-    message: str = ""
-    zone: str | None = None
-    color: str | None = None
-
-    @property
-    def id(self) -> str:
-        return f"{self.point}/{self.type}"
-
-
-class ResetRefused(Exception):
-    """A reset that cannot be done: unknown alarm, not latched, or its condition still present."""
 
 
 class Rule:

@@ -1,2 +1,12 @@
 """The store: one SQLite file with the outbox (every message before it is published), the archive (30 days of
-readings), and its upkeep (sync, bounds, retention). The store never talks to the network."""
+readings), and its upkeep (sync, bounds, retention). The store never talks to the network.
+"""
+
+from agent.store.archive import Archive
+
+
+class Store(Archive):
+    """The whole store: database (agent.store.db), outbox (agent.store.outbox) and archive (agent.store.archive)."""
+
+
+__all__ = ["Store"]

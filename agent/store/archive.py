@@ -3,11 +3,13 @@
 Readings are gathered per point in memory (typed arrays, not objects) and written once a minute as one
 compressed chunk per point: sample times as deltas of deltas, values XORed with their predecessor (in float32
 when that loses nothing), split into byte planes, then zlib. A 1 s point costs 3 to 5 bytes per reading.
-The archive never decides what is delivered (the outbox's job); it keeps history and answers `history`.
+The archive never decides what is delivered (the outbox's job); it keeps history and answers `history`, from
+its chunks and from the messages not yet in it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 import sys
@@ -15,6 +17,13 @@ import zlib
 from array import array
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
+
+import orjson
+
+from agent.messages import read_body, read_readings
+from agent.store.outbox import ENC_ZLIB, Outbox
+
+log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<BBIq")  # format version, flags, count, first sample time (ms)
 _VERSION = 2
@@ -174,3 +183,118 @@ class ArchiveBuffer:
                 s.values = array("d", (s.values[i] for i in order))
                 s.qualities = array("B", (s.qualities[i] for i in order))
             yield key, s.stamps[0], s.stamps[-1], len(s.stamps), encode_chunk(s.stamps, s.values, s.qualities)
+
+
+class Archive(Outbox):
+    """The archive's tables: point keys, chunks, and the history query over chunks and unarchived messages."""
+
+    def __init__(self, path: Any, *, readonly: bool = False) -> None:
+        super().__init__(path, readonly=readonly)
+        # every point id and on/off point told to this store, told again to a file that replaced a damaged one
+        self._registered: set[str] = set()
+        self._bools: frozenset[str] = frozenset()
+
+    def _after_recovery(self) -> None:
+        super()._after_recovery()
+        if self._registered:
+            self.point_keys(sorted(self._registered), self._bools)
+
+    def point_keys(self, ids: Iterable[str], bools: frozenset[str] = frozenset()) -> dict[str, int]:
+        """Small integer keys for point ids (stable for the life of the file); `bools` are the on/off points."""
+        ids = list(ids)
+        self._registered.update(ids)
+        self._bools |= bools
+        with self.transaction():
+            self.db.executemany("INSERT OR IGNORE INTO point (id) VALUES (?)", [(i,) for i in ids])
+            if bools:
+                self.db.executemany("UPDATE point SET is_bool = 1 WHERE id = ?", [(i,) for i in bools])
+        keys = dict(self.db.execute("SELECT id, key FROM point"))
+        return {i: int(keys[i]) for i in ids}
+
+    def point_is_bool(self, point_id: str) -> bool | None:
+        """Whether a point's values are on/off; None when the store has never seen the point."""
+        row = self.db.execute("SELECT is_bool FROM point WHERE id = ?", (point_id,)).fetchone()
+        return None if row is None else bool(row[0])
+
+    def write_chunks(self, chunks: Iterable[tuple[str, int, int, int, bytes]], mark: int) -> int:
+        """Store archive chunks (by point id), then drop acknowledged data messages up to `mark` (now archived)."""
+        chunks = list(chunks)
+        keys = self.point_keys(sorted({c[0] for c in chunks}))
+        with self.transaction():
+            cur = self.db.executemany(
+                "INSERT OR REPLACE INTO archive (point, start, end, count, chunk) VALUES (?, ?, ?, ?, ?)",
+                [(keys[point], start, end, count, chunk) for point, start, end, count, chunk in chunks],
+            )
+            written = cur.rowcount
+            self.add_meta("archive_readings", sum(c[3] for c in chunks))
+            self.set_meta("archive_mark", mark)
+            self.db.execute("DELETE FROM outbox WHERE kind = 1 AND acked = 1 AND seq <= ?", (mark,))
+        return written
+
+    def archive_mark(self) -> int:
+        return int(self.meta("archive_mark", 0) or 0)
+
+    def history(self, point_id: str, since: int, until: int) -> list[Sample]:
+        """Readings of one point with since <= ts <= until, from the archive and from messages not yet in it."""
+        row = self.db.execute("SELECT key, is_bool FROM point WHERE id = ?", (point_id,)).fetchone()
+        out: list[Sample] = []
+        if row is not None:
+            is_bool = bool(row[1])
+            for (chunk,) in self.db.execute(
+                "SELECT chunk FROM archive WHERE point = ? AND end >= ? AND start <= ? ORDER BY start",
+                (row[0], since, until),
+            ):
+                out.extend(s for s in decode_chunk(chunk, is_bool) if since <= s.ts <= until)
+        needle = orjson.dumps(point_id)
+        for _, body in self.data_rows_after(self.archive_mark()):
+            if needle not in body:
+                continue
+            readings = read_readings(body)
+            if readings is None:
+                continue  # reported when the agent reads it back for the archive
+            out.extend(Sample(ts, value, quality) for point, ts, value, quality in readings
+                       if point == point_id and since <= ts <= until)
+        out.sort(key=lambda s: s.ts)
+        return out
+
+    def alarm_history(self, since: int, until: int) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT seq, enc, body FROM outbox WHERE kind = 0 AND created BETWEEN ? AND ? ORDER BY seq",
+            (since, until),
+        )
+        out = []
+        for seq, enc, body in rows:
+            try:
+                out.append({"seq": seq, **read_body(zlib.decompress(body) if enc == ENC_ZLIB else bytes(body))})
+            except (zlib.error, ValueError) as exc:
+                log.error("store: alarm event seq %d is damaged: %s", seq, exc)
+        return out
+
+    def drop_oldest_archive(self, limit: int) -> int:
+        """Delete the `limit` oldest archive chunks; return the readings they held."""
+        with self.transaction():
+            rows = self.db.execute(
+                "SELECT point, start, end, count FROM archive ORDER BY end LIMIT ?", (limit,)
+            ).fetchall()
+            self.db.executemany("DELETE FROM archive WHERE point = ? AND start = ? AND end = ?",
+                                [r[:3] for r in rows])
+            self.add_meta("archive_readings", -sum(r[3] for r in rows))
+        return sum(r[3] for r in rows)
+
+    def expire(self, before: int) -> tuple[int, int]:
+        """Retention: drop archive chunks and delivered alarm events older than `before` (ms)."""
+        with self.transaction():
+            readings = self.db.execute("SELECT coalesce(sum(count), 0) FROM archive WHERE end < ?",
+                                       (before,)).fetchone()[0]
+            self.db.execute("DELETE FROM archive WHERE end < ?", (before,))
+            self.add_meta("archive_readings", -int(readings))
+            events = self.db.execute(
+                "DELETE FROM outbox WHERE kind = 0 AND acked = 1 AND created < ?", (before,)
+            ).rowcount
+            self.db.execute("DELETE FROM outbox WHERE acked = 2 AND created < ?", (before,))
+        return int(readings), int(events)
+
+    def archive_stats(self) -> tuple[int, int | None]:
+        """Readings in the archive (a counter: no scan of a 20 GB table) and the end of its oldest chunk."""
+        oldest = self.db.execute("SELECT min(end) FROM archive").fetchone()[0]
+        return max(0, int(self.meta("archive_readings", 0) or 0)), oldest

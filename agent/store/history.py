@@ -12,10 +12,10 @@ from datetime import datetime
 from pathlib import Path
 
 from agent.config.base import parse_duration
+from agent.core import QUALITY_NAMES
+from agent.store import Store
 from agent.store.archive import Sample
-from agent.store.db import Store
 
-_QUALITY = ("good", "uncertain", "bad")
 _AGO = re.compile(r"^\s*\d+(\.\d+)?\s*(ms|s|m|min|h|d)\s*$")
 
 
@@ -58,11 +58,11 @@ def read_history(store_path: Path, point: str, since: int, until: int) -> list[S
 
 
 def as_dict(sample: Sample) -> dict[str, object]:
-    return {"ts": sample.ts, "value": sample.value, "quality": _QUALITY[sample.quality]}
+    return {"ts": sample.ts, "value": sample.value, "quality": QUALITY_NAMES[sample.quality]}
 
 
 def as_line(sample: Sample) -> str:
     when = datetime.fromtimestamp(sample.ts / 1000).isoformat(timespec="milliseconds")
     value = "-" if sample.value is None else (f"{sample.value:.7g}" if isinstance(sample.value, float)
                                               and not isinstance(sample.value, bool) else str(sample.value))
-    return f"{when}  {value:>14}  {_QUALITY[sample.quality]}"
+    return f"{when}  {value:>14}  {QUALITY_NAMES[sample.quality]}"

@@ -14,7 +14,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from agent.store.db import Store
+from agent.store import Store
 
 log = logging.getLogger(__name__)
 

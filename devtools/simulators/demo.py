@@ -25,7 +25,7 @@ from rich.table import Table
 
 from agent.config.base import parse_duration
 from agent.config.models import AgentConfig, ConfigError, load_config
-from agent.store.db import Store
+from agent.store import Store
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "demo.yaml"

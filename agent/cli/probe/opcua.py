@@ -20,7 +20,6 @@ from agent.cli.probe import emit, fail
 from agent.drivers.opcua.driver import NODE_ID_PATTERN, STATUS_HINTS, OpcUaError, connect, describe, disconnect
 
 OBJECTS = "i=85"
-_QUALITY = ("good", "uncertain", "bad")
 
 
 class _Command(click.Command):

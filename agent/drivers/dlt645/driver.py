@@ -16,10 +16,12 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import Field, field_validator, model_validator
 
+from agent import errors
 from agent.config.base import ChannelBase, DeviceBase, Duration, Model, PointBase
+from agent.core import DeviceRead
 from agent.drivers import registry
 from agent.drivers.links import SerialLink
-from agent.drivers.registry import DeviceRead
+from agent.errors import LinkError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ KNOWN_DIS: dict[int, DataFormat] = {
 # --- errors ----------------------------------------------------------------------------------------------
 
 
-class Dlt645Error(Exception):
+class Dlt645Error(ProtocolError):
     """A transaction that failed with a reply; `frame` is the offending reply's bytes when there was one and
     `kind` names the failure for programs (checksum, bad_frame, truncated, follow_up, error_reply)."""
 
@@ -122,7 +124,7 @@ class ErrorReply(Dlt645Error):
         super().__init__(f"error reply 0x{code:02X}: {', '.join(self.reasons)}", frame, "error_reply")
 
 
-class NoReply(TimeoutError):
+class NoReply(errors.NoReply):
     """No valid reply before the deadline; `received` is whatever arrived, `notes` what was rejected and why."""
 
     def __init__(self, message: str, received: bytes = b"", notes: list[str] | None = None) -> None:
@@ -465,7 +467,7 @@ class Dlt645Bus:
             await self.link.open()
         except termios.error as exc:  # pyserial lets tcsetattr's error through (EINVAL, e.g. on some ptys)
             await self.link.close()
-            raise ConnectionError(f"cannot configure serial port {self.link.port}: {exc}") from None
+            raise LinkError(f"cannot configure serial port {self.link.port}: {exc}") from None
 
     async def close(self) -> None:
         await self.link.close()

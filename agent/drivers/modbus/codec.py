@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from agent.config.base import DeviceBase, PointBase
-from agent.drivers.registry import DeviceRead
+from agent.core import DeviceRead
+from agent.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def refused_for_a_gap(exc: ModbusError, block: Block, device: ModbusDevice) -> b
 # --- PDUs --------------------------------------------------------------------------------------------
 
 
-class ModbusError(Exception):
+class ModbusError(ProtocolError):
     """The device answered with a Modbus exception response."""
 
     def __init__(self, function: int, code: int) -> None:
@@ -209,7 +210,7 @@ class ModbusError(Exception):
         super().__init__(f"exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')}) to function {function}")
 
 
-class FrameError(Exception):
+class FrameError(ProtocolError):
     """A reply that does not fit the request (wrong length, function, address): the link may be out of step."""
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from typing import Literal, Protocol, cast
+from typing import Literal
 
 from pydantic import Field
 
 from agent.config.base import ChannelBase, Duration
 from agent.drivers import registry
+from agent.drivers.links import ByteLink, TcpLink
 from agent.drivers.modbus.codec import (
     Block,
     BlockReader,
@@ -28,6 +28,7 @@ from agent.drivers.modbus.codec import (
     plan_blocks,
     read_request,
 )
+from agent.errors import LinkError, NoReply
 
 log = logging.getLogger(__name__)
 
@@ -146,109 +147,6 @@ class ModbusRtuTcpChannel(ChannelBase):
     devices: list[ModbusRtuDevice] = Field(min_length=1, description="Slaves on the server's bus, one at a time.")
 
 
-# --- the two links ---------------------------------------------------------------------------------------
-
-
-class _Link(Protocol):
-    """What the RTU master needs of a byte link: agent.drivers.links.SerialLink or a TCP socket."""
-
-    @property
-    def is_open(self) -> bool: ...
-
-    async def open(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def write(self, data: bytes) -> None: ...
-
-    async def read(self, nbytes: int, deadline: float) -> bytes: ...
-
-    def discard_input(self) -> bytes: ...
-
-    def peek(self) -> bytes: ...
-
-
-class TcpLink(asyncio.Protocol):
-    """A TCP socket with SerialLink's reading interface: bytes pile up in a buffer a transaction reads by count."""
-
-    def __init__(self, host: str, port: int, connect_timeout: float) -> None:
-        self.host = host
-        self.port = port
-        self.connect_timeout = connect_timeout
-        self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._arrived = asyncio.Event()
-        self._lost: BaseException | None = None
-
-    @property
-    def is_open(self) -> bool:
-        return self._transport is not None and self._lost is None
-
-    async def open(self) -> None:
-        await self.close()
-        self._lost = None
-        loop = asyncio.get_running_loop()
-        where = f"{self.host}:{self.port}"
-        try:
-            await asyncio.wait_for(loop.create_connection(lambda: self, self.host, self.port), self.connect_timeout)
-        except TimeoutError:
-            raise ConnectionError(f"connect to {where} timed out after {self.connect_timeout:g}s") from None
-        except OSError as exc:
-            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-            raise ConnectionError(f"cannot connect to {where}: {reason}") from None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        self._arrived.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = exc or EOFError("closed by the device server")
-        self._arrived.set()
-
-    def _check(self) -> None:
-        if self._transport is None:
-            raise ConnectionError(f"{self.host}:{self.port} is not connected")
-        if self._lost is not None:
-            raise ConnectionError(f"connection to {self.host}:{self.port} lost: {self._lost}")
-
-    async def close(self) -> None:
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.close()
-        self._buffer.clear()
-
-    async def write(self, data: bytes) -> None:
-        self._check()
-        assert self._transport is not None
-        self._transport.write(data)
-
-    async def read(self, nbytes: int, deadline: float) -> bytes:
-        """Wait until `nbytes` are there and take them; TimeoutError at `deadline` (loop time) keeps the partial."""
-        loop = asyncio.get_running_loop()
-        while len(self._buffer) < nbytes:
-            self._check()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(f"{len(self._buffer)} of {nbytes} bytes before the deadline")
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-        data = bytes(self._buffer[:nbytes])
-        del self._buffer[:nbytes]
-        return data
-
-    def discard_input(self) -> bytes:
-        stale = bytes(self._buffer)
-        self._buffer.clear()
-        return stale
-
-    def peek(self) -> bytes:
-        return bytes(self._buffer)
-
-
 # --- the master ------------------------------------------------------------------------------------------
 
 
@@ -269,13 +167,13 @@ class RtuMaster(BlockReader):
         self._quiet = quiet
         self._settle_max = settle_max
         self._plans = {d.id: plan_blocks(d) for d in devices}
-        self._link: _Link | None = None
+        self._link: ByteLink | None = None
         self._lock = asyncio.Lock()
         self._idle_since = 0.0
         self._silent: set[str] = set()
         self._lost_logged = False
 
-    def _new_link(self) -> _Link:
+    def _new_link(self) -> ByteLink:
         raise NotImplementedError
 
     def _where(self) -> str:
@@ -295,7 +193,7 @@ class RtuMaster(BlockReader):
         except ConnectionError:
             raise
         except Exception as exc:  # e.g. termios.error: settings the port refuses escape SerialLink.open
-            raise ConnectionError(f"cannot open {self._where()}: {type(exc).__name__} {exc}") from None
+            raise LinkError(f"cannot open {self._where()}: {type(exc).__name__} {exc}") from None
         # a port just opened may still carry a frame in flight: start with a full silence
         self._idle_since = asyncio.get_running_loop().time()
         log.info("channel %s: opened %s", self.channel_id, self._where())
@@ -339,7 +237,7 @@ class RtuMaster(BlockReader):
                 await self.close()
                 raise
 
-    async def _wait_idle(self, link: _Link) -> None:
+    async def _wait_idle(self, link: ByteLink) -> None:
         """Keep the frame gap after the last frame on the line, and drop whatever arrived since (not ours)."""
         if link.peek():  # a late reply or noise may still be arriving: let the line fall quiet first
             await self._settle()
@@ -370,7 +268,7 @@ class RtuMaster(BlockReader):
         if dropped:
             log.debug("channel %s: dropped %d bytes of noise", self.channel_id, dropped)
 
-    async def _receive(self, link: _Link, unit: int, function: int, data_len: int, deadline: float,
+    async def _receive(self, link: ByteLink, unit: int, function: int, data_len: int, deadline: float,
                        timeout: float) -> bytes:
         """Read frames until the one from `unit`; a good frame of another slave (a late reply) is skipped."""
         others: list[int] = []
@@ -409,8 +307,8 @@ class RtuMaster(BlockReader):
             partial = got + len(link.peek())
             skipped = f" (ignored a frame from unit {', '.join(map(str, others))})" if others else ""
             if partial:
-                raise TimeoutError(f"incomplete reply: {partial} bytes within {timeout:g}s{skipped}") from None
-            raise TimeoutError(f"no reply within {timeout:g}s{skipped}") from None
+                raise NoReply(f"incomplete reply: {partial} bytes within {timeout:g}s{skipped}") from None
+            raise NoReply(f"no reply within {timeout:g}s{skipped}") from None
 
     async def read_block(self, device: ModbusDevice, block: Block) -> bytes:
         pdu = read_request(block.function, block.start, block.count)
@@ -446,7 +344,7 @@ class ModbusRtuDriver(RtuMaster):
                          settle_max=MAX_FRAME * channel.char_time() + 4 * gap + 0.05)
         self.channel = channel
 
-    def _new_link(self) -> _Link:
+    def _new_link(self) -> ByteLink:
         from agent.drivers.links import SerialLink
 
         ch = self.channel
@@ -467,7 +365,7 @@ class ModbusRtuTcpDriver(RtuMaster):
                          quiet=max(channel.frame_gap, 0.02), settle_max=0.5)
         self.channel = channel
 
-    def _new_link(self) -> _Link:
+    def _new_link(self) -> ByteLink:
         ch = self.channel
         return TcpLink(ch.host, ch.port, ch.connect_timeout)
 

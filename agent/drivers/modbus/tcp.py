@@ -26,6 +26,7 @@ from agent.drivers.modbus.codec import (
     plan_blocks,
     read_request,
 )
+from agent.errors import LinkError, NoReply
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class ModbusTcpDriver(BlockReader):
                 asyncio.open_connection(ch.host, ch.port), ch.connect_timeout
             )
         except TimeoutError:
-            raise ConnectionError(f"connect to {ch.host}:{ch.port} timed out after {ch.connect_timeout:g}s") from None
+            raise LinkError(f"connect to {ch.host}:{ch.port} timed out after {ch.connect_timeout:g}s") from None
         log.info("channel %s: connected to %s:%d", ch.id, ch.host, ch.port)
 
     async def close(self) -> None:
@@ -103,11 +104,11 @@ class ModbusTcpDriver(BlockReader):
         except TimeoutError:
             # a late reply would otherwise sit in the stream; a fresh connection keeps the link in step
             await self.close()
-            raise TimeoutError(f"no reply within {timeout:g}s") from None
+            raise NoReply(f"no reply within {timeout:g}s") from None
         except asyncio.IncompleteReadError as exc:
             await self.close()
             read = len(exc.partial)
-            raise ConnectionError(f"connection closed by the server ({read} bytes of a reply read)") from None
+            raise LinkError(f"connection closed by the server ({read} bytes of a reply read)") from None
         except (OSError, EOFError, FrameError):
             await self.close()
             raise

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from agent.config.base import ChannelBase, DeviceBase, Duration, PointBase
+from agent.core import BAD, GOOD, UNCERTAIN, DeviceRead
 from agent.drivers import registry
-from agent.drivers.registry import DeviceRead
+from agent.errors import LinkError
 
 if TYPE_CHECKING:
     from asyncua import ua
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # agent.pipeline.decode's qualities; importing decode here would be circular (decode → points → config → drivers)
-GOOD, UNCERTAIN, BAD = 0, 1, 2
-
 NODE_ID_PATTERN = (
     r"^(ns=\d{1,5};)?(i=\d{1,10}|s=.+|b=[A-Za-z0-9+/=]+"
     r"|g=[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12})$"
@@ -65,7 +64,7 @@ STATUS_HINTS = {
 }
 
 
-class OpcUaError(ConnectionError):
+class OpcUaError(LinkError):
     """The OPC UA link failed; the message says what failed, `status` is the OPC UA status name if there is one
     and `kind` one word for it: refused, timeout, security, login, node, file or connection."""
 

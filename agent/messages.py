@@ -1,7 +1,9 @@
-"""Wire encoding of the uplink contract (docs/protocol.md): data and alarm bodies, status and health.
+"""Wire encoding of the uplink contract (docs/protocol.md): data and alarm bodies, status and health, and
+reading a stored body back.
 
-A stored message keeps its body without `v`, `seq` and `hist`; `frame` adds them when it is published,
-so one stored body serves both a live send and a backlog replay.
+A stored message keeps its body without `v`, `seq` and `hist`; `frame` adds them when it is published, so one
+stored body serves both a live send and a backlog replay. The pipeline writes bodies, the store reads them
+back (history, archive recovery) and the uplink frames them: this module is the only one that knows the text.
 """
 
 from __future__ import annotations
@@ -11,13 +13,7 @@ from typing import Any
 import orjson
 
 from agent.config.points import PointInfo
-from agent.pipeline.decode import QUALITY_NAMES, ReadingBatch
-from agent.rules.engine import AlarmEvent
-from agent.store.db import KIND_ALARM, KIND_DATA
-
-__all__ = ["KIND_ALARM", "KIND_DATA", "alarm_body", "data_body", "encode", "frame", "identity_fields"]
-
-KIND_NAMES = {KIND_ALARM: "alarm", KIND_DATA: "data"}
+from agent.core import BAD, QUALITY_CODES, QUALITY_NAMES, AlarmEvent, ReadingBatch
 
 _QUALITY_TAIL = tuple(f',"quality":"{name}"}}' for name in QUALITY_NAMES)
 
@@ -92,3 +88,20 @@ def frame(seq: int, hist: bool, body: bytes) -> bytes:
 
 def encode(message: dict[str, Any]) -> bytes:
     return orjson.dumps({"v": 1, **message})
+
+
+def read_body(body: bytes) -> dict[str, Any]:
+    """A stored body as the message it holds (without `v`, `seq`, `hist`); ValueError when it is damaged."""
+    message = orjson.loads(b"{" + body)  # orjson.JSONDecodeError is a ValueError
+    if not isinstance(message, dict):
+        raise ValueError("a stored body is not a JSON object")
+    return message
+
+
+def read_readings(body: bytes) -> list[tuple[str, int, Any, int]] | None:
+    """The readings of a stored `data` body as (point, ts, value, quality code); None when it is damaged."""
+    try:
+        return [(r["point"], r["ts"], r["value"], QUALITY_CODES.get(r["quality"], BAD))
+                for r in read_body(body)["readings"]]
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,94 @@
+"""The agent's reports: `health` (published periodically to the platform) and `status` (answered to the
+platform's `status` command and to the local CLI). Reading them changes nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from agent import __version__
+from agent.config.models import AgentConfig
+from agent.control.actions import Actions
+from agent.pipeline.ingest import Pipeline
+from agent.pipeline.poller import Poller
+from agent.store import Store
+from agent.store.upkeep import Upkeep
+from agent.uplink.uplink import Uplink
+
+
+@dataclass
+class Reports:
+    config: AgentConfig
+    store: Store
+    pipeline: Pipeline
+    poller: Poller
+    uplink: Uplink
+    upkeep: Upkeep
+    actions: Actions
+    started: float = field(default_factory=time.time)
+    _process: psutil.Process = field(default_factory=psutil.Process)
+
+    def __post_init__(self) -> None:
+        self._process.cpu_percent()  # the first call only starts the measurement
+
+    def _field(self) -> dict[str, Any]:
+        return {"channels": self.poller.health(self.config.channels), "points": self.pipeline.point_counts()}
+
+    def health(self) -> dict[str, Any]:
+        backlog = self.store.backlog()
+        oldest = None if backlog.oldest_created is None else max(0.0, time.time() - backlog.oldest_created / 1000)
+        history, history_oldest = self.store.archive_stats()
+        try:
+            disk_free = shutil.disk_usage(self.config.store.path.parent).free / 1e6
+        except OSError:
+            disk_free = None
+        with self._process.oneshot():
+            cpu = self._process.cpu_percent()
+            rss = self._process.memory_info().rss / 1e6
+        return {
+            "ts": int(time.time() * 1000),
+            "agent": self.config.agent.id,
+            "enterprise": self.config.agent.enterprise,
+            "uptime_s": round(time.time() - self.started),
+            "backlog": {
+                "messages": backlog.messages,
+                "readings": backlog.readings,
+                "oldest_age_s": None if oldest is None else round(oldest, 1),
+            },
+            "evicted_readings": self.upkeep.evicted + self.pipeline.lost_readings,
+            "store": {
+                "used_mb": round(self.store.used_bytes() / 1e6, 1),
+                "history_readings": history,
+                "history_oldest_age_s": None if history_oldest is None
+                else round(max(0.0, time.time() - history_oldest / 1000), 1),
+                "pruned_readings": self.upkeep.pruned,
+                "recovered": self.store.recovered,
+                "memory_only": self.store.fallback_reason,
+            },
+            **self._field(),
+            "cpu_percent": round(cpu, 1),
+            "rss_mb": round(rss, 1),
+            "disk_free_mb": None if disk_free is None else round(disk_free, 1),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """What `status` answers, to the platform and to the local CLI."""
+        backlog = self.store.backlog()
+        states = self.pipeline.alarms.states()
+        return {
+            "agent": self.config.agent.id,
+            "enterprise": self.config.agent.enterprise,
+            "version": __version__,
+            "config_version": self.config.version,
+            "uptime_s": round(time.time() - self.started),
+            "production_state": self.actions.production_state,
+            "alarms": [{"id": alarm_id, "state": state} for alarm_id, state in sorted(states.items())],
+            "backlog": {"messages": backlog.messages, "readings": backlog.readings},
+            "uplink": {"connected": self.uplink.connected, "last_error": self.uplink.last_error},
+            **self._field(),
+        }

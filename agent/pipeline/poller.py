@@ -1,0 +1,144 @@
+"""The poller: each channel polls its devices in turn, one transaction at a time, and hands every poll on as one
+batch (decoded, or `bad` when the device did not answer). It keeps each device's state and backs a failing
+device off; while it is backed off, each of its poll slots still yields `bad` readings: never silence.
+
+It never touches the store or the uplink: what it reads goes to the `ingest` callable it was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.config.base import ChannelBase, DeviceBase
+from agent.config.points import DeviceSlot, PointTable
+from agent.core import DeviceRead, ReadingBatch
+from agent.drivers import registry
+from agent.drivers.registry import Driver
+from agent.pipeline.decode import bad_batch, decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class DeviceState:
+    """How one device answers: `ok`, `partial` (some points unreadable) or `failing`, and since when."""
+
+    slot: DeviceSlot
+    state: str = "ok"
+    last_error: str | None = None
+    failures: int = 0  # consecutive failed polls
+    due: float = 0.0  # loop time of the next poll
+    retry_at: float = 0.0  # loop time before which a failing device is not asked
+
+    @property
+    def device(self) -> DeviceBase:
+        return self.slot.device
+
+    @property
+    def where(self) -> str:
+        return f"channel {self.slot.channel.id} device {self.slot.device.id}"
+
+
+@dataclass
+class Poller:
+    """Polls every enabled channel of a point table; `ingest` receives one batch per poll."""
+
+    table: PointTable
+    ingest: Callable[[ReadingBatch], None]
+    drivers: dict[str, Driver] = field(default_factory=dict)
+    devices: list[DeviceState] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.devices = [DeviceState(slot) for slot in self.table.devices]
+
+    def devices_of(self, channel: ChannelBase) -> list[DeviceState]:
+        return [d for d in self.devices if d.slot.channel is channel]
+
+    async def run_channel(self, channel: ChannelBase) -> None:
+        """Poll the devices of one channel in turn, one transaction at a time, until cancelled."""
+        driver = registry.get(channel.driver).factory(channel)
+        self.drivers[channel.id] = driver
+        devices = self.devices_of(channel)
+        loop = asyncio.get_running_loop()
+        for d in devices:
+            d.due, d.retry_at = loop.time(), 0.0
+        points = self.table.points
+        try:
+            while True:
+                dev = min(devices, key=lambda d: d.due)
+                delay = dev.due - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                ts = int(time.time() * 1000)
+                if dev.failures and loop.time() < dev.retry_at:
+                    self.ingest(bad_batch(dev.slot.indices, ts))
+                else:
+                    read = await self._read(driver, dev)
+                    if read is None:
+                        self.ingest(bad_batch(dev.slot.indices, ts))
+                        failed = True
+                    else:
+                        self.ingest(decode(points, dev.slot.indices, read, ts))
+                        failed = read.positions is None and all(v is None for v in read.values)
+                    self._outcome(dev, read, failed)
+                    if failed:
+                        backoff = min(dev.device.interval * 2 ** (dev.failures - 1), dev.device.backoff_max)
+                        dev.retry_at = loop.time() + backoff
+                interval = dev.device.interval
+                nxt = dev.due + interval
+                # a poll that overran skips the missed slots instead of bursting to catch up
+                dev.due = nxt if nxt > loop.time() else loop.time() + interval
+        finally:
+            await driver.close()
+
+    @staticmethod
+    async def _read(driver: Driver, dev: DeviceState) -> DeviceRead | None:
+        try:
+            return await driver.read(dev.device)
+        except (OSError, EOFError) as exc:  # DriverError is an OSError; TimeoutError too
+            dev.last_error = str(exc) or type(exc).__name__
+        except Exception as exc:  # a bug in a driver must cost this poll, not the channel: logged with its trace
+            log.exception("%s: driver failed", dev.where)
+            dev.last_error = f"driver error: {exc!r}"
+        return None
+
+    @staticmethod
+    def _outcome(dev: DeviceState, read: DeviceRead | None, failed: bool) -> None:
+        if read is not None and read.errors:
+            dev.last_error = "; ".join(read.errors)
+        if failed:
+            dev.failures += 1
+            if dev.state != "failing":
+                log.warning("%s: not answering: %s", dev.where, dev.last_error)
+            dev.state = "failing"
+            return
+        if dev.state == "failing":
+            log.info("%s: answering again", dev.where)
+        if read is not None and read.errors:
+            if dev.state != "partial":
+                log.warning("%s: some points unreadable: %s", dev.where, dev.last_error)
+            dev.state = "partial"
+        else:
+            dev.state = "ok"
+            dev.last_error = None
+        dev.failures = 0
+
+    def health(self, channels: list[ChannelBase]) -> list[dict[str, Any]]:
+        """Per channel: link up or down, and each device's state and last error."""
+        out = []
+        for channel in channels:
+            driver = self.drivers.get(channel.id)
+            out.append({
+                "id": channel.id,
+                "link": "up" if driver is not None and driver.connected else "down",
+                "devices": [
+                    {"id": d.device.id, "state": "ok" if d.state == "ok" else "failing", "last_error": d.last_error}
+                    for d in self.devices_of(channel)
+                ],
+            })
+        return out

@@ -1,0 +1,135 @@
+"""The outbox: every outgoing message (`data` batches and alarm events) is written here before it is
+published, and leaves only after the broker acknowledged it (and, for data, once its readings are archived;
+alarm events stay as the local alarm record until their retention ends).
+
+Data bodies are kept zlib-compressed; a body that cannot be decoded is set aside (never sent, counted), so it
+blocks nothing. The outbox never talks to the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from agent.core import KIND_ALARM, KIND_DATA
+from agent.store.db import Database
+
+log = logging.getLogger(__name__)
+
+ENC_RAW = 0
+ENC_ZLIB = 1
+
+
+class Row(NamedTuple):
+    seq: int
+    kind: int
+    created: int
+    readings: int
+    body: bytes
+
+
+class BacklogStats(NamedTuple):
+    messages: int
+    readings: int
+    oldest_created: int | None
+
+
+class Outbox(Database):
+    """Messages waiting for the broker, in seq order."""
+
+    def append(self, kind: int, count: int, body: bytes, created: int | None = None) -> int:
+        """Write one message and return its seq; durable once the enclosing transaction commits."""
+        created = created if created is not None else int(time.time() * 1000)
+        enc = ENC_RAW
+        if kind == KIND_DATA:
+            body, enc = zlib.compress(body, 1), ENC_ZLIB
+        cur = self.db.execute(
+            "INSERT INTO outbox (kind, created, count, enc, body) VALUES (?, ?, ?, ?, ?)",
+            (kind, created, count, enc, body),
+        )
+        seq = cur.lastrowid
+        assert seq is not None
+        self._issued = max(self._issued, seq)
+        self._reserve_seq(seq)
+        return seq
+
+    def ack(self, seqs: Iterable[int]) -> int:
+        """Mark acknowledged messages; they stop being sent and go when archived (data) or expired (alarms)."""
+        runs = _runs(seqs)
+        if not runs:
+            return 0
+        with self.transaction():
+            self.db.executemany("UPDATE outbox SET acked = 1 WHERE seq BETWEEN ? AND ?", runs)
+        return sum(b - a + 1 for a, b in runs)
+
+    def fetch(self, after: int, *, upto: int | None = None, kind: int | None = None, limit: int = 100) -> list[Row]:
+        """Messages not yet acknowledged with seq > after (and <= upto), oldest first, bodies as published."""
+        sql = "SELECT seq, kind, created, count, enc, body FROM outbox WHERE acked = 0 AND seq > ?"
+        args: list[int] = [after]
+        if upto is not None:
+            sql += " AND seq <= ?"
+            args.append(upto)
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        rows = []
+        for seq, k, created, count, enc, body in self.db.execute(sql, args).fetchall():
+            try:
+                rows.append(Row(seq, k, created, count, zlib.decompress(body) if enc == ENC_ZLIB else bytes(body)))
+            except zlib.error as exc:
+                self._quarantine(seq, k, count, exc)
+        return rows
+
+    def _quarantine(self, seq: int, kind: int, count: int, exc: Exception) -> None:
+        """A stored message that cannot be decoded: set aside (never sent, counted), so it blocks nothing."""
+        log.error("store: message seq %d (%s, %d readings) is damaged and is set aside: %s",
+                  seq, "alarm" if kind == KIND_ALARM else "data", count, exc)
+        with self.transaction():
+            self.db.execute("UPDATE outbox SET acked = 2 WHERE seq = ?", (seq,))
+            self.add_meta("damaged_messages", 1)
+
+    def backlog(self) -> BacklogStats:
+        messages, readings, oldest = self.db.execute(
+            "SELECT count(*), coalesce(sum(count), 0), min(created) FROM outbox WHERE acked = 0"
+        ).fetchone()
+        return BacklogStats(int(messages), int(readings), oldest)
+
+    def data_rows_after(self, seq: int) -> Iterator[tuple[int, bytes]]:
+        """Data messages (acknowledged or not) above `seq`, as (seq, JSON body): what the archive has not yet."""
+        cur = self.db.execute("SELECT seq, enc, body FROM outbox WHERE kind = 1 AND acked < 2 AND seq > ? "
+                              "ORDER BY seq", (seq,))
+        for s, enc, body in cur.fetchall():
+            try:
+                yield s, zlib.decompress(body) if enc == ENC_ZLIB else bytes(body)
+            except zlib.error as exc:
+                log.error("store: message seq %d cannot be read back for the archive: %s", s, exc)
+
+    def drop_oldest_data(self, limit: int) -> tuple[int, int]:
+        """Delete the `limit` oldest data messages (never alarm events); return (undelivered readings, others)."""
+        with self.transaction():
+            rows = self.db.execute(
+                "SELECT seq, count, acked FROM outbox WHERE kind = 1 ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+            self.db.executemany("DELETE FROM outbox WHERE seq = ?", [(r[0],) for r in rows])
+        undelivered = sum(r[1] for r in rows if not r[2])
+        return undelivered, sum(r[1] for r in rows) - undelivered
+
+
+def _runs(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    ordered = sorted(set(seqs))
+    if not ordered:
+        return []
+    runs: list[tuple[int, int]] = []
+    start = prev = ordered[0]
+    for seq in ordered[1:]:
+        if seq != prev + 1:
+            runs.append((start, prev))
+            start = seq
+        prev = seq
+    runs.append((start, prev))
+    return runs

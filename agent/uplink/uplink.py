@@ -1,0 +1,294 @@
+"""The uplink: publishes what the store holds to the platform's MQTT broker, QoS 1, and marks PUBACKs; takes
+the platform's commands and answers them.
+
+A fresh connection (agent.uplink.session) serves each attempt, so paho never re-sends on its own: after a
+reconnect, whatever was not acknowledged is replayed from the store, flagged `hist`, on the schedule of
+agent.uplink.sender. The uplink never writes to the store except to mark acknowledged messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from agent.config.models import AgentIdentity, UplinkConfig
+from agent.messages import encode
+from agent.store import Store
+from agent.uplink.sender import Sender
+from agent.uplink.session import Session
+
+log = logging.getLogger(__name__)
+
+COMMAND_QUEUE = 32  # commands waiting for their turn; more at once are refused unanswered (counted)
+
+
+class Uplink:
+    def __init__(
+        self,
+        cfg: UplinkConfig,
+        identity: AgentIdentity,
+        store: Store,
+        *,
+        version: str,
+        config_version: str,
+        health: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.store = store
+        self.version = version
+        self.config_version = config_version
+        self.health = health
+        self.on_command: Callable[[bytes], dict[str, Any]] | None = None
+        self.started = int(time.time() * 1000)
+        self.root = f"{cfg.prefix}/{identity.enterprise}/{identity.id}"
+        self.client_id = cfg.client_id or f"{identity.enterprise}-{identity.id}"
+        self._wake = asyncio.Event()
+        self._session: Session | None = None
+        self._commands: asyncio.Queue[bytes] = asyncio.Queue(COMMAND_QUEUE)
+        self._pending_acks: list[int] = []
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self.published = 0
+        self.delivered = 0
+        self.refused = 0
+        self.connects = 0
+        self.commands_dropped = 0
+        self.last_error: str | None = None
+
+    # --- used by the rest of the agent -----------------------------------------------------------------
+
+    def topic(self, leaf: str) -> str:
+        return f"{self.root}/{leaf}"
+
+    @property
+    def connected(self) -> bool:
+        s = self._session
+        return s is not None and s.connected.done() and not s.connected.exception() and not s.closed.is_set()
+
+    def wake(self) -> None:
+        """New messages are in the store."""
+        self._wake.set()
+
+    def command_arrived(self, payload: bytes) -> None:
+        """From paho's read callback: queue the command; it runs in the command task, not in the callback."""
+        try:
+            self._commands.put_nowait(payload)
+        except asyncio.QueueFull:
+            self.commands_dropped += 1
+            log.warning("uplink: %d commands already waiting; one of %d bytes dropped unanswered",
+                        COMMAND_QUEUE, len(payload))
+
+    def counters(self) -> dict[str, int]:
+        return {"published": self.published, "delivered": self.delivered, "refused": self.refused,
+                "connects": self.connects, "commands_dropped": self.commands_dropped}
+
+    def acked(self, seq: int) -> None:
+        self._pending_acks.append(seq)
+        self.delivered += 1
+        if len(self._pending_acks) >= 256:
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        if not self._pending_acks:
+            return
+        acks = self._pending_acks
+        if self.store.attempt(f"marking {len(acks)} acknowledged messages", lambda: self.store.ack(acks)) is None:
+            return  # kept, marked at the next flush
+        self._pending_acks = []
+
+    def offline_payload(self, *, with_ts: bool) -> bytes:
+        msg: dict[str, Any] = {"online": False, "agent": self.identity.id, "enterprise": self.identity.enterprise}
+        if with_ts:
+            msg["ts"] = int(time.time() * 1000)
+        return encode(msg)
+
+    def online_payload(self) -> bytes:
+        return encode({
+            "online": True,
+            "agent": self.identity.id,
+            "enterprise": self.identity.enterprise,
+            "version": self.version,
+            "config_version": self.config_version,
+            "started": self.started,
+            "ts": int(time.time() * 1000),
+        })
+
+    # --- the connection loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, publish, reconnect with capped exponential backoff; until cancelled or stopped."""
+        delay = self.cfg.reconnect_min
+        while not self._stopping:
+            try:
+                session = Session(self)
+            except (OSError, ValueError) as exc:  # e.g. a TLS file missing: keep polling, retry later
+                self.last_error = f"cannot set up the connection: {exc}"
+                log.error("uplink: %s; retry in %.1fs", self.last_error, delay)
+                await self._sleep_unless_stopping(delay)
+                delay = min(delay * 2, self.cfg.reconnect_max)
+                continue
+            self._session = session
+            try:
+                await session.connect()
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log.warning("uplink: cannot connect to %s:%d: %s; retry in %.1fs",
+                            self.cfg.host, self.cfg.port, self.last_error, delay)
+                session.close()
+                await self._sleep_unless_stopping(delay)
+                delay = min(delay * 2, self.cfg.reconnect_max)
+                continue
+            delay = self.cfg.reconnect_min
+            self.connects += 1
+            self.last_error = None
+            log.info("uplink: connected to %s:%d as %s", self.cfg.host, self.cfg.port, self.client_id)
+            try:
+                await self._serve(session)
+            finally:
+                self.flush_acks()
+                session.close()
+            if not self._stopping:
+                await self._sleep_unless_stopping(delay)
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    async def _serve(self, session: Session) -> None:
+        self._confirm(session.publish_other(self.topic("status"), self.online_payload(), retain=True), "online status")
+        if self.on_command is not None:
+            session.client.subscribe(self.topic("cmd"), qos=1)
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(session.misc()), tg.create_task(self._send(session)),
+                     tg.create_task(self._run_commands(session))]
+            if self.health is not None:
+                tasks.append(tg.create_task(self._health(session)))
+            await session.closed.wait()
+            for task in tasks:
+                task.cancel()
+
+    def _confirm(self, waiter: asyncio.Future[None], what: str) -> None:
+        """A live message's PUBACK, or its failure, is logged (a closed connection loses a live message)."""
+        def done(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                log.warning("uplink: %s not delivered: %s", what, future.exception())
+
+        waiter.add_done_callback(done)
+
+    async def _run_commands(self, session: Session) -> None:
+        """Answer queued commands one at a time, each result published on `cmd/result`."""
+        while True:
+            payload = await self._commands.get()
+            if self.on_command is None:
+                continue
+            try:
+                result = self.on_command(payload)
+            except Exception:  # the handler answers every input itself; this is a bug, and must not end the task
+                log.exception("uplink: the command handler failed")
+                continue
+            self._confirm(session.publish_other(self.topic("cmd/result"), orjson.dumps(result)),
+                          f"result of command {result.get('id')!r}")
+
+    async def _send(self, session: Session) -> None:
+        """Send until the session closes; a store failure pauses sending, never ends the connection."""
+        while not session.closed.is_set():
+            try:
+                await self._send_from(session)
+            except sqlite3.DatabaseError as exc:
+                if not self.store.recover_if_corrupt(exc):
+                    log.error("uplink: reading the store failed: %s; retrying in 1s", exc)
+                    await asyncio.sleep(1.0)
+
+    async def _send_from(self, session: Session) -> None:
+        """Live messages as they come; the backlog (stored before this connection) beside them, rate-bounded."""
+        loop = asyncio.get_running_loop()
+        plan = Sender(self.store.last_seq(), self.cfg.inflight, self.cfg.backlog_rate, time.monotonic())
+        next_ack_flush = loop.time() + 0.2
+        while not session.closed.is_set():
+            self._wake.clear()
+            progressed = False
+            room = plan.live_room(len(session.inflight))
+            if room > 0:
+                for row in self.store.fetch(plan.live_after, limit=room):
+                    if not session.publish_stored(row, hist=False):
+                        break
+                    plan.live_sent(row.seq)
+                    progressed = True
+                    self.published += 1
+            plan.refill(time.monotonic())
+            request = plan.backlog_request(len(session.inflight), len(session.hist_mids))
+            if request is not None:
+                rows = self.store.fetch(request.after, upto=request.upto, kind=request.kind, limit=request.limit)
+                plan.backlog_fetched(request, len(rows))
+                for row in rows:
+                    if not plan.may_send_backlog() or not session.publish_stored(row, hist=True):
+                        plan.backlog_held(row.kind)
+                        break
+                    plan.backlog_sent(row.kind, row.seq, row.readings)
+                    progressed = True
+                    self.published += 1
+                if plan.backlog_done:
+                    log.info("uplink: backlog up to seq %d handed to the broker", plan.boundary)
+            if loop.time() >= next_ack_flush:
+                self.flush_acks()
+                next_ack_flush = loop.time() + 0.2
+            if progressed and len(session.inflight) < plan.window:
+                await asyncio.sleep(0)
+                continue
+            session.room.clear()
+            wait_wake = asyncio.ensure_future(self._wake.wait())
+            wait_room = asyncio.ensure_future(session.room.wait())
+            try:
+                await asyncio.wait({wait_wake, wait_room}, timeout=plan.wait_timeout(),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                wait_wake.cancel()
+                wait_room.cancel()
+
+    async def _health(self, session: Session) -> None:
+        assert self.health is not None
+        while True:
+            await asyncio.sleep(self.cfg.health_interval)
+            try:
+                payload = encode(self.health())
+            except Exception:
+                log.exception("uplink: building the health message failed")
+                continue
+            self._confirm(session.publish_other(self.topic("health"), payload), "health")
+
+    # --- clean stop --------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to timeout) until everything stored is acknowledged."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self.wake()
+        while loop.time() < deadline and self.connected:
+            self.flush_acks()
+            if self.store.backlog().messages == 0:
+                return
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        """Say `online: false` (retained), disconnect cleanly so the will is not sent, end `run`."""
+        self._stopping = True
+        self._stopped.set()
+        session = self._session
+        if session is not None and self.connected:
+            try:
+                waiter = session.publish_other(self.topic("status"), self.offline_payload(with_ts=True), retain=True)
+                await asyncio.wait_for(waiter, 2.0)
+            except (TimeoutError, ConnectionError) as exc:
+                log.warning("uplink: offline status not acknowledged: %s", exc)
+            self.flush_acks()
+            session.close()
+        self.flush_acks()
+        self.wake()

@@ -1,0 +1,145 @@
+"""The ingest stage on a real SQLite store: batching into `data` messages, alarm events in their own commit,
+alarm events held while the store refuses writes, the archive, and recovery from a damaged file whoever met it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from agent.config.models import AgentConfig, parse_config
+from agent.core import GOOD, KIND_ALARM, KIND_DATA, ReadingBatch
+from agent.messages import read_body, read_readings
+from agent.pipeline.ingest import Pipeline
+from agent.store import Store
+from agent.store.upkeep import Upkeep, UpkeepConfig
+from agent.uplink.uplink import Uplink
+
+CONFIG = """
+agent: {id: a1, enterprise: "e1"}
+uplink: {host: 127.0.0.1, batch: {max_readings: 4}}
+channels:
+  - id: c1
+    driver: modbus_tcp
+    host: 127.0.0.1
+    devices:
+      - id: d1
+        points:
+          - {id: LT-101, address: 0, type: float32, unit: m, limits: {high: 8.5}}
+          - {id: LT-102, address: 2, type: float32, unit: m}
+          - {id: SW-1, table: coil, address: 0, type: bool}
+"""
+
+
+def config() -> AgentConfig:
+    return parse_config(CONFIG)
+
+
+def batch(ts: int, values: list[object]) -> ReadingBatch:
+    return ReadingBatch(ts, list(range(len(values))), list(values), [GOOD] * len(values))
+
+
+def stored(store: Store, kind: int) -> list[dict[str, object]]:
+    return [read_body(row.body) for row in store.fetch(0, kind=kind, limit=1000)]
+
+
+def test_readings_are_stored_in_messages_of_at_most_max_readings_in_order(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        woken = []
+        pipeline = Pipeline(config(), store, on_stored=lambda: woken.append(1))
+        for n in range(3):
+            pipeline.ingest(batch(1000 + n, [1.0 + n, 2.0 + n, n % 2 == 0]))
+        # once a message's worth is pending, everything pending is stored, cut into messages of at most 4
+        assert store.backlog().readings == 6
+        pipeline.flush()
+        messages = [read_readings(row.body) for row in store.fetch(0, kind=KIND_DATA, limit=10)]
+        assert [len(m or []) for m in messages] == [4, 2, 3]
+        flat = [r for m in messages for r in m or []]
+        assert [(p, ts) for p, ts, _, _ in flat] == [(p, 1000 + n) for n in range(3) for p in ("LT-101", "LT-102",
+                                                                                               "SW-1")]
+        assert flat[2][2] is True and flat[5][2] is False, "on/off points are published as booleans"
+        assert woken
+
+
+def test_an_alarm_event_is_stored_at_once_with_its_state(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(config(), store)
+        pipeline.ingest(batch(1000, [9.0, 1.0, False]))
+        events = stored(store, KIND_ALARM)
+        assert [(e["point"], e["type"], e["state"]) for e in events] == [("LT-101", "high", "raised")]
+        assert store.alarm_states() == {"LT-101/high": "raised"}
+    with Store(tmp_path / "s.db") as store:  # a restart neither raises again nor forgets
+        pipeline = Pipeline(config(), store)
+        pipeline.ingest(batch(2000, [9.1, 1.0, False]))
+        assert len(stored(store, KIND_ALARM)) == 1
+        assert pipeline.alarms.active() == ["LT-101/high"]
+
+
+def test_alarm_events_the_store_refuses_wait_and_go_first(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(config(), store)
+        store.db.execute("PRAGMA query_only=1")  # the store refuses every write, as a full disk would
+        pipeline.ingest(batch(1000, [9.0, 1.0, False]))
+        pipeline.ingest(batch(2000, [1.0, 1.0, False]))
+        assert store.backlog().messages == 0
+        store.db.execute("PRAGMA query_only=0")
+        pipeline.store_events([])
+        events = stored(store, KIND_ALARM)
+        assert [(e["state"], e["ts"]) for e in events] == [("raised", 1000), ("cleared", 2000)]
+
+
+def test_the_archive_gets_every_reading_and_data_leaves_the_outbox_only_when_acknowledged(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(config(), store)
+        for n in range(4):
+            pipeline.ingest(batch(1000 + n, [1.0, 2.0, True]))
+        pipeline.archive_flush()
+        assert [s.ts for s in store.history("LT-102", 0, 10_000)] == [1000, 1001, 1002, 1003]
+        assert store.backlog().messages == 4, "not acknowledged: still in the outbox"
+        store.ack(row.seq for row in store.fetch(0, limit=10))
+        pipeline.ingest(batch(1004, [1.0, 2.0, True]))
+        pipeline.archive_flush()
+        assert store.backlog().messages == 1
+        assert len(store.history("LT-102", 0, 10_000)) == 5
+
+
+def damage(store: Store) -> sqlite3.DatabaseError:
+    """What SQLite raises on a damaged file; the file really is damaged (its header overwritten)."""
+    store.sync()
+    with open(store.path, "r+b") as f:
+        f.write(b"garbage!" * 16)
+    return sqlite3.DatabaseError("database disk image is malformed")
+
+
+def test_on_off_points_stay_booleans_after_a_recovery_started_by_the_uplink(tmp_path: Path) -> None:
+    cfg = config()
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(cfg, store)
+        uplink = Uplink(cfg.uplink, cfg.agent, store, version="t", config_version="t")
+        error = damage(store)
+
+        def ack(_: object) -> int:
+            raise error
+
+        store.ack = ack  # type: ignore[method-assign]  # the uplink's next write meets the damage
+        uplink.acked(1)
+        uplink.flush_acks()
+        del store.ack
+        assert store.recovered is not None, "the uplink's failed write started a recovery"
+        pipeline.ingest(batch(1000, [1.0, 2.0, True]))
+        pipeline.ingest(batch(1001, [1.0, 2.0, False]))
+        pipeline.archive_flush()
+        assert [repr(s.value) for s in store.history("SW-1", 0, 10_000)] == ["True", "False"]  # not 1.0, 0.0
+
+
+def test_on_off_points_stay_booleans_after_a_recovery_started_by_upkeep(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(config(), store)
+        upkeep = Upkeep(store, UpkeepConfig(max_bytes=10**9, min_free_bytes=0, retention_s=86400, sync_interval=1))
+        error = damage(store)
+        assert store.recover_if_corrupt(error), "upkeep's path: its failed step asks the store to recover"
+        assert upkeep.over() is None
+        pipeline.ingest(batch(1000, [1.0, 2.0, True]))
+        pipeline.archive_flush()
+        assert [repr(s.value) for s in store.history("SW-1", 0, 10_000)] == ["True"]  # not 1.0
+        assert [repr(s.value) for s in store.history("LT-101", 0, 10_000)] == ["1.0"]
