@@ -71,6 +71,8 @@ class Reports:
                 "memory_only": self.store.fallback_reason,
             },
             **self._field(),
+            "counters": {"readings_in": self.pipeline.readings_in, "alarm_events": self.pipeline.events_out,
+                         **self.uplink.counters()},
             "cpu_percent": round(cpu, 1),
             "rss_mb": round(rss, 1),
             "disk_free_mb": None if disk_free is None else round(disk_free, 1),
