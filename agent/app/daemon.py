@@ -69,9 +69,12 @@ class Agent:
             reports = self.reports = Reports(cfg, self.store, pipeline, poller, uplink, upkeep, actions)
             uplink.health = reports.health
             pipeline.recover_archive()
-            commands = CommandHandler(actions.reset_alarm, actions.set_production_state, reports.status)
-            uplink.on_command = commands.handle
-            control = ControlServer(cfg.control.socket, commands.handle)
+            commands = CommandHandler(actions.reset_alarm, actions.set_production_state, reports.status,
+                                      ids=self.store, max_age=cfg.control.command_max_age)
+            reports.commands = commands
+            uplink.on_command = lambda payload, retained: commands.handle(payload, "platform", retained=retained)
+            control = ControlServer(cfg.control.socket,
+                                    lambda line, caller: commands.handle(line, "local", caller=caller))
             log.info("agent %s/%s starting: %d channel(s), %d point(s), store %s, next seq %d",
                      cfg.agent.enterprise, cfg.agent.id, len(cfg.channels), len(pipeline.table),
                      cfg.store.path, self.store.last_seq() + 1)

@@ -14,6 +14,7 @@ import psutil
 from agent import __version__
 from agent.config.models import AgentConfig
 from agent.control.actions import Actions
+from agent.control.commands import CommandHandler
 from agent.pipeline.ingest import Pipeline
 from agent.pipeline.poller import Poller
 from agent.store import Store
@@ -30,6 +31,7 @@ class Reports:
     uplink: Uplink
     upkeep: Upkeep
     actions: Actions
+    commands: CommandHandler | None = None
     started: float = field(default_factory=time.time)
     _process: psutil.Process = field(default_factory=psutil.Process)
 
@@ -72,7 +74,8 @@ class Reports:
             },
             **self._field(),
             "counters": {"readings_in": self.pipeline.readings_in, "alarm_events": self.pipeline.events_out,
-                         **self.uplink.counters()},
+                         **self.uplink.counters(),
+                         "commands_refused": self.commands.refused if self.commands is not None else 0},
             "cpu_percent": round(cpu, 1),
             "rss_mb": round(rss, 1),
             "disk_free_mb": None if disk_free is None else round(disk_free, 1),

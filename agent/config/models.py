@@ -53,6 +53,12 @@ class UplinkConfig(Model):
     username: str | None = Field(None, description="MQTT user name.")
     password: str | None = Field(None, description="MQTT password.")
     tls: TlsConfig | None = Field(None, description="TLS settings; plain TCP when omitted.")
+    max_incoming_bytes: int = Field(
+        1_048_576, ge=65_536, le=64 * 1_048_576,
+        description="Largest message the agent takes from the broker; larger ones are dropped before they are read "
+        "as JSON. With MQTT 5 the broker is told (Maximum Packet Size) and never sends more; with 3.1.1 set the "
+        "broker's own limit (mosquitto: message_size_limit) to the same value.",
+    )
     keepalive: Duration = Field(30.0, ge=5, le=3600, description="MQTT keepalive interval.")
     inflight: int = Field(
         100,
@@ -149,6 +155,11 @@ class ControlConfig(Model):
     socket: Path = Field(
         Path("/run/edge-agent/control.sock"),
         description="Unix socket of the local CLI (`edge-agent alarms ...`); relative to the config file's folder.",
+    )
+    command_max_age: Duration = Field(
+        600.0, ge=10, le=86400,
+        description="A platform command whose `ts` is older than this, or this far ahead of the agent's clock, "
+        "is refused (answered with an error, not executed): a replay or a command stuck in a queue.",
     )
 
 

@@ -1,16 +1,21 @@
 """Commands from the platform (topic `cmd`) and from the local CLI (the control socket), one handler for both.
 
 Every request gets exactly one result carrying its id, `ok`, and either a `result` or an `error` that names
-the field at fault. A malformed or unknown command changes nothing. A command repeated with the same id
-(MQTT delivers at least once) gets the first result again and is not done twice.
+the field at fault, quoting what it got in a bounded form. A malformed, unknown, retained, stale or refused
+command changes nothing. A command repeated with the same id (MQTT delivers at least once) gets the first
+result again and is not done twice, across restarts too; the platform and local users have separate id spaces.
+Nothing here raises on any input.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import reprlib
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Protocol, Union
 
 import orjson
 from pydantic import Field, TypeAdapter, ValidationError
@@ -21,13 +26,30 @@ from agent.errors import ResetRefused
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_BYTES = 64 * 1024
-_REMEMBERED = 256
+_REMEMBERED = 256  # ids kept in memory per source
+_KEPT = 1000  # ids of state-changing commands kept in the store per source
+SOURCES = ("platform", "local")
+PLATFORM_ONLY = ("set_production_state",)  # a local user must not switch off the halt-violation rule
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = 60
+_QUOTE.maxother = 60
+_QUOTE.maxlevel = 2
+_QUOTE.maxlist = _QUOTE.maxdict = 4
+
+
+def quote(value: object) -> str:
+    """A short, bounded repr of untrusted input: never deep, never long, never raises."""
+    try:
+        return _QUOTE.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 class _Command(Model):
     v: Literal[1] = Field(1, description="Contract version.")
     id: Annotated[str, Field(min_length=1, max_length=128)] = Field(description="Correlates the result.")
-    ts: int | None = Field(None, description="When the platform sent it (ms), informative.")
+    ts: int | None = Field(None, description="When the platform sent it (ms); too old or too far ahead: refused.")
 
 
 class ResetCommand(_Command):
@@ -46,39 +68,88 @@ class StatusCommand(_Command):
 
 Command = Annotated[Union[ResetCommand, ProductionStateCommand, StatusCommand], Field(discriminator="cmd")]  # noqa: UP007
 KNOWN = ("reset", "set_production_state", "status")
+_FIELD_TYPES = {"v": int, "id": str, "ts": int, "cmd": str, "alarm": str, "state": str}
+_JSON_TYPE = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
+class CommandIds(Protocol):
+    """Where the ids of commands that changed something are kept over restarts (the store)."""
+
+    def command_result(self, source: str, cmd_id: str) -> tuple[str, bytes] | None: ...
+
+    def save_command_result(self, source: str, cmd_id: str, digest: str, result: bytes, keep: int) -> None: ...
 
 
 class CommandHandler:
     def __init__(self, reset: Callable[[str], dict[str, Any]], set_production_state: Callable[[str], dict[str, Any]],
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]], *, ids: CommandIds | None = None, max_age: float = 600.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self._reset = reset
         self._set_state = set_production_state
         self._status = status
-        self._done: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+        self._ids = ids
+        self._max_age_ms = max_age * 1000
+        self._clock = clock
+        self._done: dict[str, OrderedDict[str, tuple[str, dict[str, Any]]]] = {s: OrderedDict() for s in SOURCES}
+        self.refused = 0  # requests answered with an error
 
-    def handle(self, payload: bytes, source: str = "platform") -> dict[str, Any]:
+    def handle(self, payload: bytes, source: str = "platform", *, retained: bool = False,
+               caller: str = "") -> dict[str, Any]:
         """The result of one request; never raises."""
+        try:
+            outcome = self._handle(payload, source, retained)
+        except Exception as exc:  # a bug here must cost one answer, never the uplink or the socket
+            log.exception("%s command could not be handled", source)
+            outcome = self._error(None, None, f"internal error: {type(exc).__name__}")
+        if not outcome["ok"]:
+            self.refused += 1
+        who = f" from {caller}" if caller else ""
+        log.info("%s command%s %s (%s): %s", source, who, outcome["cmd"], quote(outcome["id"]),
+                 "ok" if outcome["ok"] else outcome["error"])
+        return outcome
+
+    def _handle(self, payload: bytes, source: str, retained: bool) -> dict[str, Any]:
         if len(payload) > MAX_COMMAND_BYTES:
             return self._error(None, None, f"command of {len(payload)} bytes is larger than {MAX_COMMAND_BYTES}")
         try:
             raw = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            return self._error(None, None, f"not JSON: {exc}")
+        except (orjson.JSONDecodeError, RecursionError) as exc:
+            return self._error(None, None, f"not JSON: {quote(str(exc))}")
         if not isinstance(raw, dict):
             return self._error(None, None, "a command is a JSON object")
         cmd_id = raw.get("id") if isinstance(raw.get("id"), str) else None
-        name = raw.get("cmd") if isinstance(raw.get("cmd"), str) else None
-        if name is not None and name not in KNOWN:
-            return self._error(cmd_id, name, f"unknown command {name!r}; known: {', '.join(KNOWN)}")
+        name = raw.get("cmd") if isinstance(raw.get("cmd"), str) and raw.get("cmd") in KNOWN else None
+        # types first: nothing below (validation, messages, the id digest) ever sees a nested or odd value
+        for key, value in raw.items():
+            expected = _FIELD_TYPES.get(key)
+            if isinstance(value, dict | list) or (expected is not None and value is not None and (
+                    not isinstance(value, expected) or isinstance(value, bool))):
+                want = {str: "a string", int: "an integer"}.get(expected, "a plain value")  # type: ignore[arg-type]
+                return self._error(cmd_id, name, f"{quote(key)[1:-1]}: must be {want}, not a JSON "
+                                                 f"{_JSON_TYPE.get(type(value), 'value')}")
+        if isinstance(raw.get("cmd"), str) and raw["cmd"] not in KNOWN:
+            return self._error(cmd_id, None, f"unknown command {quote(raw['cmd'])}; known: {', '.join(KNOWN)}")
         try:
             command = _validate(raw)
         except ValidationError as exc:
             return self._error(cmd_id, name, "; ".join(_describe(e) for e in exc.errors(include_url=False)))
-        digest = hash(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS))
-        done = self._done.get(command.id)
+        if retained:
+            return self._error(command.id, command.cmd, "a retained command is refused: commands are never "
+                                                        "retained (publish with retain=false)")
+        if source == "platform" and command.ts is not None:
+            age = self._clock() * 1000 - command.ts
+            if abs(age) > self._max_age_ms:
+                return self._error(command.id, command.cmd, f"ts is {abs(age) / 1000:.0f}s "
+                                   f"{'old' if age > 0 else 'ahead of the agent clock'}: refused (the window is "
+                                   f"{self._max_age_ms / 1000:.0f}s; check both clocks)")
+        if source != "platform" and command.cmd in PLATFORM_ONLY:
+            return self._error(command.id, command.cmd, f"{command.cmd} is only taken from the platform")
+        digest = hashlib.blake2b(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
+        done = self._recall(source, command.id)
         if done is not None:
             if done[0] != digest:
-                return self._error(command.id, command.cmd, f"id {command.id!r} was already used for another "
+                return self._error(command.id, command.cmd, f"id {quote(command.id)} was already used for another "
                                                             "command; use a new id")
             return done[1]
         try:
@@ -87,14 +158,26 @@ class CommandHandler:
         except (ResetRefused, ValueError) as exc:
             outcome = self._error(command.id, command.cmd, str(exc))
         except Exception as exc:  # a bug in a command must not take the uplink down
-            log.exception("command %s %s failed", command.cmd, command.id)
-            outcome = self._error(command.id, command.cmd, f"internal error: {exc!r}")
-        log.info("%s command %s (%s): %s", source, command.cmd, command.id,
-                 "ok" if outcome["ok"] else outcome["error"])
-        self._done[command.id] = (digest, outcome)
-        while len(self._done) > _REMEMBERED:
-            self._done.popitem(last=False)
+            log.exception("command %s %s failed", command.cmd, quote(command.id))
+            outcome = self._error(command.id, command.cmd, f"internal error: {type(exc).__name__}")
+        self._remember(source, command.id, digest, outcome, durable=command.cmd != "status")
         return outcome
+
+    def _recall(self, source: str, cmd_id: str) -> tuple[str, dict[str, Any]] | None:
+        done = self._done.setdefault(source, OrderedDict()).get(cmd_id)
+        if done is None and self._ids is not None:
+            stored = self._ids.command_result(source, cmd_id)
+            if stored is not None:
+                done = (stored[0], orjson.loads(stored[1]))
+        return done
+
+    def _remember(self, source: str, cmd_id: str, digest: str, outcome: dict[str, Any], *, durable: bool) -> None:
+        memory = self._done.setdefault(source, OrderedDict())
+        memory[cmd_id] = (digest, outcome)
+        while len(memory) > _REMEMBERED:
+            memory.popitem(last=False)
+        if durable and self._ids is not None:
+            self._ids.save_command_result(source, cmd_id, digest, orjson.dumps(outcome), _KEPT)
 
     def _run(self, command: ResetCommand | ProductionStateCommand | StatusCommand) -> dict[str, Any]:
         if isinstance(command, ResetCommand):
@@ -116,15 +199,16 @@ def _validate(raw: dict[str, Any]) -> ResetCommand | ProductionStateCommand | St
 
 
 def _describe(error: Any) -> str:
-    loc = ".".join(str(part) for part in error["loc"] if part not in KNOWN)
+    loc = ".".join(quote(part)[1:-1] if isinstance(part, str) else str(part)
+                   for part in error["loc"] if part not in KNOWN)
     if error["type"] == "missing":
         return f"{loc}: required field is missing"
     if error["type"] == "literal_error":
-        return f"{loc}: {error.get('input')!r} is not one of {error['ctx']['expected']}"
+        return f"{loc}: {quote(error.get('input'))} is not one of {error['ctx']['expected']}"
     if error["type"] == "extra_forbidden":
         return f"{loc}: unknown field"
     if error["type"] == "union_tag_not_found":
         return f"cmd: required field is missing (one of {', '.join(KNOWN)})"
     if error["type"] == "union_tag_invalid":
-        return f"cmd: {error.get('input', {}).get('cmd')!r} is not one of {', '.join(KNOWN)}"
+        return f"cmd: {quote(error.get('input', {}).get('cmd'))} is not one of {', '.join(KNOWN)}"
     return f"{loc}: {error['msg']}"

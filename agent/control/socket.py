@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
+import struct
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,7 @@ _LIMIT = 64 * 1024
 
 class ControlServer:
     def __init__(self, path: Path, handle: Callable[[bytes, str], dict[str, Any]]) -> None:
+        """`handle(request, caller)`: caller names the local user ("uid 1000 pid 4242"), for the log."""
         self.path = path
         self.handle = handle
 
@@ -48,13 +51,24 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
-            result = self.handle(line.strip(), "local")
+            result = self.handle(line.strip(), _caller(writer))
             writer.write(orjson.dumps(result) + b"\n")
             await writer.drain()
         except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
             log.debug("control socket client dropped: %s", exc)
         finally:
             writer.close()
+
+
+def _caller(writer: asyncio.StreamWriter) -> str:
+    """Who is on the other end of the socket, as the kernel says (SO_PEERCRED), never as the client says."""
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
+    except (OSError, AttributeError, struct.error):
+        return "an unknown local user"
+    return f"uid {uid} gid {gid} pid {pid}"
 
 
 async def ask(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:

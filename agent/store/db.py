@@ -52,6 +52,14 @@ CREATE TABLE IF NOT EXISTS archive (
 CREATE INDEX IF NOT EXISTS archive_by_end ON archive(end);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alarm_state (id TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS command_id (
+    source TEXT NOT NULL,
+    id TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    result BLOB NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (source, id)
+) WITHOUT ROWID;
 """
 
 
@@ -275,6 +283,22 @@ class Database:
 
     def alarm_states(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT id, state FROM alarm_state"))
+
+    # --- command ids: a command repeated with the same id is answered, not done again, across restarts --------
+
+    def command_result(self, source: str, cmd_id: str) -> tuple[str, bytes] | None:
+        """(digest, stored result) of a command already done under this id from this source."""
+        row = self.db.execute("SELECT digest, result FROM command_id WHERE source = ? AND id = ?",
+                              (source, cmd_id)).fetchone()
+        return None if row is None else (str(row[0]), bytes(row[1]))
+
+    def save_command_result(self, source: str, cmd_id: str, digest: str, result: bytes, keep: int) -> None:
+        """Remember a command's result (synced: it changed state); only the newest `keep` per source stay."""
+        with self.transaction(durable=True):
+            self.db.execute("INSERT OR REPLACE INTO command_id (source, id, digest, result, at) "
+                            "VALUES (?, ?, ?, ?, ?)", (source, cmd_id, digest, result, time.time_ns()))
+            self.db.execute("DELETE FROM command_id WHERE source = ? AND at <= (SELECT at FROM command_id "
+                            "WHERE source = ? ORDER BY at DESC LIMIT 1 OFFSET ?)", (source, source, keep))
 
     def used_bytes(self) -> int:
         """Bytes the database really holds, free pages excluded (the write-ahead log is bounded apart)."""

@@ -15,7 +15,10 @@ from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config.models import UplinkConfig
 from agent.core import KIND_ALARM
@@ -38,7 +41,7 @@ class Owner(Protocol):
 
     def acked(self, seq: int) -> None: ...
 
-    def command_arrived(self, payload: bytes) -> None: ...
+    def command_arrived(self, payload: bytes, *, retained: bool) -> None: ...
 
 
 class Session:
@@ -157,17 +160,29 @@ class Session:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # only queued here: a command runs in its own task, never inside paho's read callback
         if message.topic == self.uplink.topic("cmd"):
-            self.uplink.command_arrived(bytes(message.payload))
+            self.uplink.command_arrived(bytes(message.payload), retained=bool(message.retain))
 
     async def connect(self) -> None:
         cfg = self.uplink.cfg
         kwargs: dict[str, Any] = {}
         if cfg.protocol == "5":
             kwargs["clean_start"] = True
+            # the broker must not send what the agent would drop anyway (room for the topic and the header)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.MaximumPacketSize = cfg.max_incoming_bytes + 4096
+            kwargs["properties"] = props
         await self.loop.run_in_executor(
             None, lambda: self.client.connect(cfg.host, cfg.port, keepalive=round(cfg.keepalive), **kwargs)
         )
         await asyncio.wait_for(self.connected, cfg.connect_timeout)
+
+    def subscribe_commands(self, topic: str) -> None:
+        if self.uplink.cfg.protocol == "5":
+            # keep the retain flag on live deliveries too, so a retained command is refused from its first delivery
+            options = SubscribeOptions(qos=1, retainAsPublished=True)
+            self.client.subscribe(topic, options=options)
+        else:
+            self.client.subscribe(topic, qos=1)
 
     def publish_stored(self, row: Row, hist: bool) -> bool:
         topic = self.uplink.topic("alarm" if row.kind == KIND_ALARM else "data")

@@ -46,13 +46,14 @@ class Uplink:
         self.version = version
         self.config_version = config_version
         self.health = health
-        self.on_command: Callable[[bytes], dict[str, Any]] | None = None
+        # (payload, retained) -> the result to publish on cmd/result
+        self.on_command: Callable[[bytes, bool], dict[str, Any]] | None = None
         self.started = int(time.time() * 1000)
         self.root = f"{cfg.prefix}/{identity.enterprise}/{identity.id}"
         self.client_id = cfg.client_id or f"{identity.enterprise}-{identity.id}"
         self._wake = asyncio.Event()
         self._session: Session | None = None
-        self._commands: asyncio.Queue[bytes] = asyncio.Queue(COMMAND_QUEUE)
+        self._commands: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue(COMMAND_QUEUE)
         self._pending_acks: list[int] = []
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -61,6 +62,7 @@ class Uplink:
         self.refused = 0
         self.connects = 0
         self.commands_dropped = 0
+        self.oversized_dropped = 0
         self.last_error: str | None = None
 
     # --- used by the rest of the agent -----------------------------------------------------------------
@@ -77,10 +79,15 @@ class Uplink:
         """New messages are in the store."""
         self._wake.set()
 
-    def command_arrived(self, payload: bytes) -> None:
+    def command_arrived(self, payload: bytes, *, retained: bool) -> None:
         """From paho's read callback: queue the command; it runs in the command task, not in the callback."""
+        if len(payload) > self.cfg.max_incoming_bytes:
+            self.oversized_dropped += 1
+            log.warning("uplink: a command of %d bytes (more than uplink.max_incoming_bytes, %d) dropped unread",
+                        len(payload), self.cfg.max_incoming_bytes)
+            return
         try:
-            self._commands.put_nowait(payload)
+            self._commands.put_nowait((bytes(payload), retained))
         except asyncio.QueueFull:
             self.commands_dropped += 1
             log.warning("uplink: %d commands already waiting; one of %d bytes dropped unanswered",
@@ -88,7 +95,8 @@ class Uplink:
 
     def counters(self) -> dict[str, int]:
         return {"published": self.published, "delivered": self.delivered, "refused": self.refused,
-                "connects": self.connects, "commands_dropped": self.commands_dropped}
+                "connects": self.connects, "commands_dropped": self.commands_dropped,
+                "oversized_dropped": self.oversized_dropped}
 
     def acked(self, seq: int) -> None:
         self._pending_acks.append(seq)
@@ -165,7 +173,7 @@ class Uplink:
     async def _serve(self, session: Session) -> None:
         self._confirm(session.publish_other(self.topic("status"), self.online_payload(), retain=True), "online status")
         if self.on_command is not None:
-            session.client.subscribe(self.topic("cmd"), qos=1)
+            session.subscribe_commands(self.topic("cmd"))
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(session.misc()), tg.create_task(self._send(session)),
                      tg.create_task(self._run_commands(session))]
@@ -186,11 +194,11 @@ class Uplink:
     async def _run_commands(self, session: Session) -> None:
         """Answer queued commands one at a time, each result published on `cmd/result`."""
         while True:
-            payload = await self._commands.get()
+            payload, retained = await self._commands.get()
             if self.on_command is None:
                 continue
             try:
-                result = self.on_command(payload)
+                result = self.on_command(payload, retained)
             except Exception:  # the handler answers every input itself; this is a bug, and must not end the task
                 log.exception("uplink: the command handler failed")
                 continue
