@@ -17,6 +17,19 @@ from typing import Any, Protocol, cast
 from agent.errors import LinkError, NoReply
 
 PARITIES = {"N": "N", "E": "E", "O": "O", "M": "M", "S": "S"}
+# what a link keeps of unread input: a few of the largest frames of any protocol here (Modbus RTU: 256 bytes,
+# DL/T 645: about 220); a device or peer that sends more than that between reads loses the oldest bytes
+MAX_UNREAD = 4096
+
+
+def _keep_newest(buffer: bytearray, data: bytes) -> int:
+    """Append `data`, keep at most MAX_UNREAD bytes (the newest: a reply follows the noise); return bytes lost."""
+    buffer += data
+    excess = len(buffer) - MAX_UNREAD
+    if excess > 0:
+        del buffer[:excess]
+        return excess
+    return 0
 
 
 class SerialLink:
@@ -35,6 +48,7 @@ class SerialLink:
         self._buffer = bytearray()
         self._arrived = asyncio.Event()
         self._lost: BaseException | None = None
+        self.overflowed = 0  # bytes dropped because more arrived than MAX_UNREAD between reads
 
     @property
     def is_open(self) -> bool:
@@ -77,7 +91,7 @@ class SerialLink:
         if not data:
             self._mark_lost(EOFError("end of file on the serial port"))
             return
-        self._buffer += data
+        self.overflowed += _keep_newest(self._buffer, data)
         self._arrived.set()
 
     def _mark_lost(self, exc: BaseException) -> None:
@@ -160,6 +174,8 @@ class SerialLink:
 class ByteLink(Protocol):
     """What a master needs of a byte link: SerialLink or TcpLink."""
 
+    overflowed: int
+
     @property
     def is_open(self) -> bool: ...
 
@@ -187,6 +203,7 @@ class TcpLink(asyncio.Protocol):
         self._buffer = bytearray()
         self._arrived = asyncio.Event()
         self._lost: BaseException | None = None
+        self.overflowed = 0  # bytes dropped because more arrived than MAX_UNREAD between reads
 
     @property
     def is_open(self) -> bool:
@@ -209,7 +226,7 @@ class TcpLink(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self._buffer += data
+        self.overflowed += _keep_newest(self._buffer, data)
         self._arrived.set()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import termios
@@ -30,7 +29,8 @@ from typing import Any
 
 from agent.config.models import AgentConfig, load_config
 from agent.drivers.dlt645.driver import Dlt645Channel, Dlt645Device, Dlt645Point
-from simulators.scenario import ScenarioPlayer
+from simulators.plant import Plant, add_arguments, run_command, serve_until_stopped
+from simulators.scenario import ramp
 
 log = logging.getLogger("simulators.dlt645")  # not __main__ when run with -m
 
@@ -297,7 +297,7 @@ class _Bus:
 # --- the simulator ---------------------------------------------------------------------------------------
 
 
-class Dlt645BusSimulator(ScenarioPlayer):
+class Dlt645BusSimulator(Plant):
     """Serves every `dlt645` channel of `config` on a pseudo-terminal, one meter per distinct address.
 
     The agent opens `folder/ttyMeter-<channel id>` (see `channel_overrides`). Each meter answers after
@@ -306,6 +306,8 @@ class Dlt645BusSimulator(ScenarioPlayer):
     """
 
     SCENARIOS = SCENARIOS
+    PROTOCOL = "dlt645"
+    WALK_TASK = "dlt645 walk"
 
     def __init__(
         self,
@@ -321,14 +323,11 @@ class Dlt645BusSimulator(ScenarioPlayer):
         reply_preamble: int | None = None,
     ) -> None:
         _check_delay(response_delay)
-        if period <= 0 or speed <= 0:
-            raise ValueError("period and speed must be positive")
+        super().__init__(period=period, speed=speed)
         if reply_preamble is not None and not 0 <= reply_preamble <= 4:
             raise ValueError("reply_preamble must be 0 to 4 wake-up bytes")
         self.config = config
         self.folder = Path(folder)
-        self.period = period
-        self.speed = speed
         self.idle_kw = idle_kw
         self.production_kw = production_kw
         self.changes: list[tuple[float, str, float]] = []
@@ -338,9 +337,6 @@ class Dlt645BusSimulator(ScenarioPlayer):
         self._rng = random.Random(seed)
         self._buses: dict[str, _Bus] = {}
         self._points: dict[str, _Served] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._walker: asyncio.Task[None] | None = None
-        self._started = False
         count = 0
         for channel in config.channels:
             if not isinstance(channel, Dlt645Channel):
@@ -391,40 +387,20 @@ class Dlt645BusSimulator(ScenarioPlayer):
     def paths(self) -> dict[str, Path]:
         return {cid: bus.link for cid, bus in self._buses.items()}
 
-    async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
+    async def _open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            for bus in self._buses.values():
-                if not bus.down:
-                    self._plug(bus)
-                bus.worker = asyncio.create_task(self._serve(bus), name=f"dlt645 bus {bus.channel.id}")
-        except BaseException:
-            await self.stop()
-            raise
-        self._walker = asyncio.create_task(self._walk_forever(), name="dlt645 walk")
+        for bus in self._buses.values():
+            if not bus.down:
+                self._plug(bus)
+            bus.worker = asyncio.create_task(self._serve(bus), name=f"dlt645 bus {bus.channel.id}")
 
-    async def stop(self) -> None:
-        tasks = [t for t in (self._walker, *self._tasks) if t is not None]
-        tasks += [bus.worker for bus in self._buses.values() if bus.worker is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._walker = None
-        self._tasks.clear()
+    def _workers(self) -> list[asyncio.Task[Any]]:
+        return [bus.worker for bus in self._buses.values() if bus.worker is not None]
+
+    async def _close(self) -> None:
         for bus in self._buses.values():
             bus.worker = None
             self._unplug(bus)
-        self._started = False
-
-    async def __aenter__(self) -> Dlt645BusSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def _plug(self, bus: _Bus) -> None:
         """A new pseudo-terminal behind the bus's stable path (an adapter plugged in)."""
@@ -588,16 +564,10 @@ class Dlt645BusSimulator(ScenarioPlayer):
     # --- faults ---
 
     def _bus(self, channel_id: str) -> _Bus:
-        try:
-            return self._buses[channel_id]
-        except KeyError:
-            raise ValueError(f"no dlt645 channel {channel_id!r} (served: {', '.join(self._buses)})") from None
+        return self._channel_of(self._buses, channel_id)
 
     def _device(self, channel_id: str, device_id: str) -> _Meter:
-        for meter in self._bus(channel_id).meters:
-            if device_id in meter.device_ids:
-                return meter
-        raise ValueError(f"channel {channel_id}: no device {device_id!r}")
+        return self._device_of(channel_id, device_id, self._bus(channel_id).meters, lambda meter: meter.device_ids)
 
     def set_meter_dead(self, channel_id: str, device_id: str, dead: bool) -> None:
         """A dead meter hears requests but never answers, so the master times out."""
@@ -619,10 +589,7 @@ class Dlt645BusSimulator(ScenarioPlayer):
     # --- values ---
 
     def _served(self, point_id: str) -> _Served:
-        try:
-            return self._points[point_id]
-        except KeyError:
-            raise ValueError(f"no point {point_id!r} on a dlt645 channel") from None
+        return self._point_of(self._points, point_id)
 
     def set_value(self, point_id: str, value: float) -> None:
         """Set a point now (engineering units). An energy register keeps counting from there; anything else is
@@ -669,17 +636,10 @@ class Dlt645BusSimulator(ScenarioPlayer):
             for meter in bus.meters:
                 meter.step(self.period if elapsed is None else elapsed)
 
-    async def _walk_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        due = last = loop.time()
-        while True:
-            due = max(due + self.period, loop.time())  # a late tick is not made up for by a burst
-            await asyncio.sleep(due - loop.time())
-            now = loop.time()
-            self.walk(now - last)
-            last = now
-            for bus in self._buses.values():
-                self._leave_speed(bus)  # also after an open that sent nothing
+    async def _tick(self, elapsed: float) -> None:
+        self.walk(elapsed)
+        for bus in self._buses.values():
+            self._leave_speed(bus)  # also after an open that sent nothing
 
     # --- scenarios ---
 
@@ -694,11 +654,7 @@ class Dlt645BusSimulator(ScenarioPlayer):
 
     async def _ramp(self, point: Dlt645Point, target_kw: float, seconds: float, speed: float) -> None:
         meter = self._points[point.id].meter
-        start = meter.quantity("power")
-        steps = max(1, math.ceil(seconds / 0.5))  # a step every half second at speed 1
-        for k in range(1, steps + 1):
-            await asyncio.sleep(seconds / steps / speed)
-            kw = target_kw if k == steps else start + (target_kw - start) * k / steps
+        async for kw in ramp(meter.quantity("power"), target_kw, seconds, speed):
             self.set_value(point.id, kw * point.scale + point.offset)
 
     async def production_during_shutdown(self, *, speed: float | None = None) -> None:
@@ -734,49 +690,27 @@ def _arguments(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, required=True, help="serve the dlt645 channels of this configuration")
     parser.add_argument("--folder", type=Path, help="where the port paths go (default: a new temporary folder)")
     parser.add_argument("--response-delay", type=float, default=0.05, help="seconds a meter waits (0.02-0.5)")
-    parser.add_argument("--scenario", action="append", default=[], choices=SCENARIOS, help="run a scenario")
-    parser.add_argument("--speed", type=float, default=1.0, help="scenario speed factor (2 = twice as fast)")
-    parser.add_argument("--loop", action="store_true", help="repeat the scenarios until stopped")
-    parser.add_argument("--period", type=float, default=1.0, help="seconds between steps of the values")
-    parser.add_argument("--seed", type=int, help="random seed of the values")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log meters and scenario steps")
+    add_arguments(parser, SCENARIOS, values="the values", verbose="log meters and scenario steps")
     return parser.parse_args(None if argv is None else list(argv))
 
 
 async def _serve(args: argparse.Namespace, folder: Path) -> None:
     config = load_config(args.config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     sim = Dlt645BusSimulator(config, folder=folder, response_delay=args.response_delay, period=args.period,
                              speed=args.speed, seed=args.seed)
     if not sim.paths:
         raise ValueError(f"{args.config}: no dlt645 channel to serve")
-    async with sim:
-        for channel, path in sim.paths.items():
-            print(f"serving {channel} {path}", flush=True)
-        for name in args.scenario:
-            sim.start_scenario(name, loop=args.loop)
-        await stop.wait()
+    await serve_until_stopped(sim, args, lambda: (f"serving {channel} {path}" for channel, path in sim.paths.items()))
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from agent.config.models import ConfigError
-
     args = _arguments(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     folder = args.folder or Path(tempfile.mkdtemp(prefix="dlt645-"))
     try:
-        asyncio.run(_serve(args, folder))
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return run_command(args, lambda: asyncio.run(_serve(args, folder)))
     finally:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

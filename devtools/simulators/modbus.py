@@ -11,14 +11,13 @@ import asyncio
 import logging
 import math
 import random
-import signal
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypedDict, Unpack
 
 import yaml
 from pymodbus.constants import ExcCodes
@@ -28,7 +27,8 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from agent.config.models import AgentConfig, load_config, validate_config_data
 from agent.drivers.modbus.codec import BIT_TABLES, REGISTERS, ModbusDevice, ModbusPoint, encode
 from agent.drivers.modbus.tcp import ModbusTcpChannel
-from simulators.scenario import ScenarioPlayer
+from simulators.plant import Done, Plant, add_arguments, run_command, serve_until_stopped
+from simulators.scenario import ramp
 
 log = logging.getLogger("simulators.modbus")  # not __main__ when run with -m
 
@@ -121,7 +121,8 @@ class _Unit:
         self.words: dict[str, list[int]] = {
             t: [0] * (max(1, (end + 15) // 16) if t in BIT_TABLES else max(1, end)) for t, end in ends.items()
         }
-        self._empty = {t for t, end in ends.items() if end == 0}
+        self.tables = {t for t, end in ends.items() if end}
+        """The tables the unit has points in; reading another is an illegal address."""
 
     def sim_device(self) -> SimDevice:
         """pymodbus's description of this unit; every read copies the live words in through `_serve`."""
@@ -130,7 +131,7 @@ class _Unit:
             n = len(self.words[table])
             if table in BIT_TABLES:
                 return [SimData(0, values=[0] * n, datatype=DataType.BITS)]
-            if table in self._empty:  # reading a table the unit does not have is an illegal address
+            if table not in self.tables:  # reading a table the unit does not have is an illegal address
                 return [SimData(0, count=1, datatype=DataType.INVALID)]
             return [SimData(0, values=[0] * n, datatype=DataType.REGISTERS)]
 
@@ -242,69 +243,50 @@ class _Channel:
         return pdu
 
 
-class _Done:
-    """An awaitable that is already complete, for calls made before the simulator has an event loop."""
+def _is_gas(point: ModbusPoint) -> bool:
+    return point.domain == "gas" and point.unit == "%LEL"
 
-    def __await__(self) -> Generator[Any, None, None]:
-        return
-        yield
+
+def _is_level(point: ModbusPoint) -> bool:
+    return point.domain == "hazard" and point.unit == "m"
+
+
+def _is_fault(point: ModbusPoint) -> bool:
+    return point.fault_of is not None
 
 
 # --- the simulator -----------------------------------------------------------------------------------
 
 
-class PlantSimulator(ScenarioPlayer):
-    """Serves every `modbus_tcp` channel of `config` on `host`, one TCP server per channel, one unit per unit id.
+class ModbusPlant(Plant):
+    """The Modbus units behind a simulator, over TCP or RTU: the value of every point they serve, in engineering
+    units, held where it was set and otherwise walked at random within its normal band, and the scenarios that
+    move them."""
 
-    `ports` maps channel id to the port to serve on instead of the configured one (0 picks a free port); the
-    ports really used are in `ports` once started. Values are engineering units throughout.
-    """
+    LOG: ClassVar[logging.Logger] = log
+    """Where scenario steps are logged: the simulator's own module's logger."""
 
-    SCENARIOS = SCENARIOS
-
-    def __init__(
-        self,
-        config: AgentConfig,
-        *,
-        host: str = "127.0.0.1",
-        ports: dict[str, int] | None = None,
-        period: float = 1.0,
-        speed: float = 1.0,
-        seed: int | None = None,
-    ) -> None:
-        if period <= 0 or speed <= 0:
-            raise ValueError("period and speed must be positive")
-        self.config = config
-        self.host = host
-        self.period = period
-        self.speed = speed
+    def __init__(self, *, period: float, speed: float, seed: int | None) -> None:
+        super().__init__(period=period, speed=speed)
         self.changes: list[tuple[float, str, float | bool]] = []
         """(time.time(), point id, value) of every set_value, scenarios included, in order."""
         self.walk_seconds = 0.0
         """CPU-bound time the last walk tick took."""
         self._rng = random.Random(seed)
-        self._channels: dict[str, _Channel] = {}
         self._points: dict[str, _Served] = {}
         self._runs: list[_Run] = []
-        self._walker: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._started = False
-        overrides = dict(ports or {})
-        for channel in config.channels:
-            if not isinstance(channel, ModbusTcpChannel):
-                continue
-            served = _Channel(channel, overrides.pop(channel.id, channel.port))
-            self._channels[channel.id] = served
-            by_unit: dict[int, list[ModbusDevice]] = {}
-            for device in channel.devices:
-                # devices sharing a unit id are one unit polled as several devices (e.g. two intervals)
-                by_unit.setdefault(device.unit, []).append(device)
-            for unit_id, devices in by_unit.items():
-                served.units[unit_id] = unit = _Unit(unit_id, devices)
-                self._build_unit(unit, devices)
-        unknown = set(overrides) - {c.id for c in config.channels}
-        if unknown:
-            raise ValueError(f"ports given for channels the configuration does not have: {sorted(unknown)}")
+
+    def _serve_units(self, devices: Iterable[ModbusDevice]) -> dict[int, _Unit]:
+        """Unit id -> the unit serving the devices; devices sharing a unit id are one unit polled as several devices
+        (e.g. two intervals)."""
+        by_unit: dict[int, list[ModbusDevice]] = {}
+        for device in devices:
+            by_unit.setdefault(device.unit, []).append(device)
+        units: dict[int, _Unit] = {}
+        for unit_id, unit_devices in by_unit.items():
+            units[unit_id] = unit = _Unit(unit_id, unit_devices)
+            self._build_unit(unit, unit_devices)
+        return units
 
     def _build_unit(self, unit: _Unit, devices: list[ModbusDevice]) -> None:
         groups: dict[tuple[str, str, str], list[ModbusPoint]] = {}
@@ -325,117 +307,10 @@ class PlantSimulator(ScenarioPlayer):
             run.write()
             self._runs.append(run)
 
-    # --- lifecycle ---
-
-    @property
-    def ports(self) -> dict[str, int]:
-        """Channel id -> TCP port (the real one once started, also for channels given port 0)."""
-        return {cid: c.port for cid, c in self._channels.items()}
-
-    async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        try:
-            for channel in self._channels.values():
-                if not channel.down:
-                    await self._open(channel)
-        except BaseException:
-            await self.stop()
-            raise
-        self._walker = asyncio.create_task(self._walk_forever(), name="plant walk")
-
-    async def stop(self) -> None:
-        tasks = [t for t in (self._walker, *self._tasks) if t is not None]
-        for channel in self._channels.values():
-            if channel.opening is not None:
-                tasks.append(channel.opening)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._walker = None
-        self._tasks.clear()
-        for channel in self._channels.values():
-            self._close(channel)
-        self._started = False
-
-    async def __aenter__(self) -> PlantSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def _open(self, channel: _Channel) -> None:
-        server = ModbusTcpServer(
-            [unit.sim_device() for unit in channel.units.values()],
-            address=(self.host, channel.port),
-            trace_pdu=channel.trace_pdu,
-            ignore_missing_devices=True,
-        )
-        try:
-            await server.serve_forever(background=True)
-        except RuntimeError:
-            raise OSError(f"channel {channel.config.id}: cannot listen on {self.host}:{channel.port}") from None
-        channel.server = server
-        listener = server.transport
-        assert isinstance(listener, asyncio.Server)
-        channel.port = int(listener.sockets[0].getsockname()[1])
-        log.info("channel %s: listening on %s:%d", channel.config.id, self.host, channel.port)
-
-    def _close(self, channel: _Channel) -> None:
-        server, channel.server = channel.server, None
-        if server is not None:
-            # pymodbus closes the listener and every open connection of it
-            server.close()
-            if not server.serving.done():
-                server.serving.set_result(True)
-
-    # --- faults ---
-
-    def _channel(self, channel_id: str) -> _Channel:
-        try:
-            return self._channels[channel_id]
-        except KeyError:
-            raise ValueError(f"no modbus_tcp channel {channel_id!r} (served: {', '.join(self._channels)})") from None
-
-    def set_device_dead(self, channel_id: str, device_id: str, dead: bool) -> None:
-        """A dead device's unit receives requests but never answers, so the client times out."""
-        channel = self._channel(channel_id)
-        for unit in channel.units.values():
-            if device_id in unit.device_ids:
-                unit.dead = dead
-                return
-        raise ValueError(f"channel {channel_id}: no device {device_id!r}")
-
-    def set_channel_down(self, channel_id: str, down: bool) -> Awaitable[None]:
-        """Down closes the listener and every open connection (the port refuses); up listens again on the same
-        port. Closing is done on return; await the result to know the port listens again."""
-        channel = self._channel(channel_id)
-        channel.down = down
-        if not self._started:
-            return _Done()
-        loop = asyncio.get_running_loop()
-        if down:
-            if channel.opening is not None:
-                channel.opening.cancel()
-                channel.opening = None
-            self._close(channel)
-        elif channel.server is None:
-            if channel.opening is None or channel.opening.done():
-                channel.opening = loop.create_task(self._open(channel), name=f"plant open {channel_id}")
-            return channel.opening
-        done: asyncio.Future[None] = loop.create_future()
-        done.set_result(None)
-        return done
-
     # --- values ---
 
     def _served(self, point_id: str) -> _Served:
-        try:
-            return self._points[point_id]
-        except KeyError:
-            raise ValueError(f"no point {point_id!r} on a modbus_tcp channel") from None
+        return self._point_of(self._points, point_id)
 
     def set_value(self, point_id: str, value: float | bool) -> None:
         """Set a point now (engineering units) and hold it there until `release`."""
@@ -482,31 +357,10 @@ class PlantSimulator(ScenarioPlayer):
             run.walk(rnd)
         self.walk_seconds = time.perf_counter() - began
 
-    async def _walk_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        due = loop.time()
-        while True:
-            due = max(due + self.period, loop.time())  # a late tick is not made up for by a burst
-            await asyncio.sleep(due - loop.time())
-            self.walk()
+    async def _tick(self, elapsed: float) -> None:
+        self.walk()
 
     # --- scenarios ---
-
-    def scenarios(self) -> list[str]:
-        """The scenarios this plant can play (each needs its kind of point)."""
-        targets: dict[str, Callable[[], object]] = {
-            "gas_leak": lambda: self._first_point("gas point", lambda p: p.domain == "gas" and p.unit == "%LEL"),
-            "tank_overfill": lambda: self._first_point("level", lambda p: p.domain == "hazard" and p.unit == "m"),
-            "detector_fault": lambda: self._first_status("fault status", lambda p: p.fault_of is not None),
-        }
-        playable = []
-        for name in SCENARIOS:
-            try:
-                targets[name]()
-            except ValueError:
-                continue
-            playable.append(name)
-        return playable
 
     def _first_point(self, what: str, match: Callable[[ModbusPoint], bool]) -> ModbusPoint:
         for served in self._points.values():
@@ -517,15 +371,15 @@ class PlantSimulator(ScenarioPlayer):
         raise ValueError(f"no {what} with high and high_high limits is served")
 
     async def _ramp(self, point: ModbusPoint, target: float, seconds: float, speed: float) -> None:
-        start = float(self.value(point.id))
-        steps = max(1, math.ceil(seconds / 0.5))  # a step every half second at speed 1
-        for k in range(1, steps + 1):
-            await asyncio.sleep(seconds / steps / speed)
-            self.set_value(point.id, start + (target - start) * k / steps)
+        async for value in ramp(float(self.value(point.id)), target, seconds, speed):
+            self.set_value(point.id, value)
 
     async def _excursion(self, name: str, point: ModbusPoint, timing: tuple[float, float, float, float, float],
-                         speed: float | None) -> None:
-        """Rise past high, hold, past high_high, hold, fall back below high - deadband, release."""
+                         speed: float | None,
+                         says: tuple[str, str, str] = ("rises past high", "rises past high_high", "falls back to"),
+                         ) -> None:
+        """Rise past high, hold, past high_high, hold, fall back below high - deadband, release; `says` how the log
+        tells each of the three moves."""
         pace = speed or self.speed
         limits = point.limits
         assert limits is not None and limits.high is not None and limits.high_high is not None
@@ -540,33 +394,160 @@ class PlantSimulator(ScenarioPlayer):
         back = min((band_low + band_high) / 2, high - limits.deadband - margin)
         rise, hold, rise2, hold2, fall = timing
         try:
-            log.info("scenario %s: %s rises past high %g %s", name, point.id, high, point.unit)
+            self.LOG.info("scenario %s: %s %s %g %s", name, point.id, says[0], high, point.unit)
             await self._ramp(point, above_high, rise, pace)
             await asyncio.sleep(hold / pace)
-            log.info("scenario %s: %s rises past high_high %g %s", name, point.id, high_high, point.unit)
+            self.LOG.info("scenario %s: %s %s %g %s", name, point.id, says[1], high_high, point.unit)
             await self._ramp(point, above_high_high, rise2, pace)
             await asyncio.sleep(hold2 / pace)
-            log.info("scenario %s: %s falls back to %g %s", name, point.id, back, point.unit)
+            self.LOG.info("scenario %s: %s %s %g %s", name, point.id, says[2], back, point.unit)
             await self._ramp(point, back, fall, pace)
         finally:
             self.release(point.id)
-        log.info("scenario %s: done", name)
+        self.LOG.info("scenario %s: done", name)
+
+
+class PlantSimulator(ModbusPlant):
+    """Serves every `modbus_tcp` channel of `config` on `host`, one TCP server per channel, one unit per unit id.
+
+    `ports` maps channel id to the port to serve on instead of the configured one (0 picks a free port); the
+    ports really used are in `ports` once started. Values are engineering units throughout.
+    """
+
+    SCENARIOS = SCENARIOS
+    PROTOCOL = "modbus_tcp"
+    WALK_TASK = "plant walk"
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        host: str = "127.0.0.1",
+        ports: dict[str, int] | None = None,
+        period: float = 1.0,
+        speed: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(period=period, speed=speed, seed=seed)
+        self.config = config
+        self.host = host
+        self._channels: dict[str, _Channel] = {}
+        overrides = dict(ports or {})
+        for channel in config.channels:
+            if not isinstance(channel, ModbusTcpChannel):
+                continue
+            served = _Channel(channel, overrides.pop(channel.id, channel.port))
+            self._channels[channel.id] = served
+            served.units = self._serve_units(channel.devices)
+        unknown = set(overrides) - {c.id for c in config.channels}
+        if unknown:
+            raise ValueError(f"ports given for channels the configuration does not have: {sorted(unknown)}")
+
+    # --- lifecycle ---
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Channel id -> TCP port (the real one once started, also for channels given port 0)."""
+        return {cid: c.port for cid, c in self._channels.items()}
+
+    async def _open(self) -> None:
+        for channel in self._channels.values():
+            if not channel.down:
+                await self._listen(channel)
+
+    def _workers(self) -> list[asyncio.Task[Any]]:
+        return [c.opening for c in self._channels.values() if c.opening is not None]
+
+    async def _close(self) -> None:
+        for channel in self._channels.values():
+            self._close_channel(channel)
+
+    async def _listen(self, channel: _Channel) -> None:
+        server = ModbusTcpServer(
+            [unit.sim_device() for unit in channel.units.values()],
+            address=(self.host, channel.port),
+            trace_pdu=channel.trace_pdu,
+            ignore_missing_devices=True,
+        )
+        try:
+            await server.serve_forever(background=True)
+        except RuntimeError:
+            raise OSError(f"channel {channel.config.id}: cannot listen on {self.host}:{channel.port}") from None
+        channel.server = server
+        listener = server.transport
+        assert isinstance(listener, asyncio.Server)
+        channel.port = int(listener.sockets[0].getsockname()[1])
+        log.info("channel %s: listening on %s:%d", channel.config.id, self.host, channel.port)
+
+    @staticmethod
+    def _close_channel(channel: _Channel) -> None:
+        server, channel.server = channel.server, None
+        if server is not None:
+            # pymodbus closes the listener and every open connection of it
+            server.close()
+            if not server.serving.done():
+                server.serving.set_result(True)
+
+    # --- faults ---
+
+    def set_device_dead(self, channel_id: str, device_id: str, dead: bool) -> None:
+        """A dead device's unit receives requests but never answers, so the client times out."""
+        channel = self._channel_of(self._channels, channel_id)
+        self._device_of(channel_id, device_id, channel.units.values(), lambda unit: unit.device_ids).dead = dead
+
+    def set_channel_down(self, channel_id: str, down: bool) -> Awaitable[None]:
+        """Down closes the listener and every open connection (the port refuses); up listens again on the same
+        port. Closing is done on return; await the result to know the port listens again."""
+        channel = self._channel_of(self._channels, channel_id)
+        channel.down = down
+        if not self._started:
+            return Done()
+        loop = asyncio.get_running_loop()
+        if down:
+            if channel.opening is not None:
+                channel.opening.cancel()
+                channel.opening = None
+            self._close_channel(channel)
+        elif channel.server is None:
+            if channel.opening is None or channel.opening.done():
+                channel.opening = loop.create_task(self._listen(channel), name=f"plant open {channel_id}")
+            return channel.opening
+        done: asyncio.Future[None] = loop.create_future()
+        done.set_result(None)
+        return done
+
+    # --- scenarios ---
+
+    def scenarios(self) -> list[str]:
+        """The scenarios this plant can play (each needs its kind of point)."""
+        targets: dict[str, Callable[[], object]] = {
+            "gas_leak": lambda: self._first_point("gas point", _is_gas),
+            "tank_overfill": lambda: self._first_point("level", _is_level),
+            "detector_fault": lambda: self._first_status("fault status", _is_fault),
+        }
+        playable = []
+        for name in SCENARIOS:
+            try:
+                targets[name]()
+            except ValueError:
+                continue
+            playable.append(name)
+        return playable
 
     async def gas_leak(self, *, speed: float | None = None) -> None:
         """The first combustible gas detector (domain gas, %LEL) reads a leak that grows, then is ventilated."""
-        point = self._first_point("gas point in %LEL", lambda p: p.domain == "gas" and p.unit == "%LEL")
+        point = self._first_point("gas point in %LEL", _is_gas)
         await self._excursion("gas_leak", point, (10.0, 15.0, 10.0, 15.0, 20.0), speed)
 
     async def tank_overfill(self, *, speed: float | None = None) -> None:
         """The first level point (domain hazard, unit m) fills past high and high_high, then is drawn down."""
-        point = self._first_point("hazard level point in m", lambda p: p.domain == "hazard" and p.unit == "m")
+        point = self._first_point("hazard level point in m", _is_level)
         await self._excursion("tank_overfill", point, (30.0, 10.0, 15.0, 10.0, 30.0), speed)
-
 
     async def detector_fault(self, *, speed: float | None = None) -> None:
         """The first detector fault status (a point with `fault_of`) goes on, holds, and goes off again."""
         pace = speed or self.speed
-        point = self._first_status("detector fault status", lambda p: p.fault_of is not None)
+        point = self._first_status("detector fault status", _is_fault)
         try:
             log.info("scenario detector_fault: %s (fault of %s) on", point.id, point.fault_of)
             self.set_value(point.id, True)
@@ -588,6 +569,18 @@ class PlantSimulator(ScenarioPlayer):
 
 
 # --- the benchmark's plant ---------------------------------------------------------------------------
+
+
+class SyntheticOptions(TypedDict, total=False):
+    """The optional keywords of `synthetic_data` and `synthetic_config`."""
+
+    per_device: int
+    channels: int
+    host: str
+    timeout: float
+    uplink_host: str
+    uplink_port: int
+    store: str | None
 
 
 def synthetic_data(
@@ -637,23 +630,11 @@ def synthetic_data(
     return data
 
 
-def synthetic_config(
-    points: int,
-    *,
-    interval: float,
-    port: int,
-    per_device: int = 1000,
-    channels: int = 1,
-    host: str = "127.0.0.1",
-    timeout: float = 1.0,
-    uplink_host: str = "127.0.0.1",
-    uplink_port: int = 1883,
-    store: str | None = None,
-) -> AgentConfig:
+def synthetic_config(points: int, *, interval: float, port: int, **options: Unpack[SyntheticOptions]) -> AgentConfig:
     """A valid configuration of `points` float32 holding registers P00000.. (range 0..100, high 90, high_high
-    95), `per_device` to a unit (ids 1..N), units spread over `channels` channels on ports port, port+1, ..."""
-    data = synthetic_data(points, interval=interval, port=port, per_device=per_device, channels=channels,
-                          host=host, timeout=timeout, uplink_host=uplink_host, uplink_port=uplink_port, store=store)
+    95), `per_device` to a unit (ids 1..N), units spread over `channels` channels on ports port, port+1, ...
+    (the options and their defaults are `synthetic_data`'s)."""
+    data = synthetic_data(points, interval=interval, port=port, **options)
     return validate_config_data(data, source="<synthetic>", base_dir=None)
 
 
@@ -671,62 +652,42 @@ def _arguments(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--channels", type=int, default=1, help="synthetic: channels (one port each)")
     parser.add_argument("--interval", type=float, default=1.0, help="synthetic: the agent's poll interval")
     parser.add_argument("--print-config", action="store_true", help="synthetic: print the config as YAML and exit")
-    parser.add_argument("--scenario", action="append", default=[], choices=SCENARIOS, help="run a scenario")
-    parser.add_argument("--speed", type=float, default=1.0, help="scenario speed factor (2 = twice as fast)")
-    parser.add_argument("--loop", action="store_true", help="repeat the scenarios until stopped")
-    parser.add_argument("--period", type=float, default=1.0, help="seconds between steps of the value walk")
-    parser.add_argument("--seed", type=int, help="random seed of the value walk")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log scenario steps")
+    add_arguments(parser, SCENARIOS)
     args = parser.parse_args(None if argv is None else list(argv))
     if args.synthetic is None and (args.print_config or args.port is not None):
         parser.error("--print-config and --port go with --synthetic (a config file names its own ports)")
     return args
 
 
+def _synthetic(args: argparse.Namespace) -> tuple[dict[str, Any], AgentConfig]:
+    """The synthetic plant the flags ask for, as data and as a validated configuration."""
+    data = synthetic_data(args.synthetic, interval=args.interval, port=args.port or 5020,
+                          per_device=args.per_device, channels=args.channels, host=args.host)
+    return data, validate_config_data(data, source="<synthetic>", base_dir=None)
+
+
 async def _serve(args: argparse.Namespace) -> None:
     ports: dict[str, int] = {}
     if args.synthetic is not None:
-        base = 5020 if args.port is None else args.port
-        config = synthetic_config(args.synthetic, interval=args.interval, port=base or 5020,
-                                  per_device=args.per_device, channels=args.channels, host=args.host)
-        if base == 0:
+        _, config = _synthetic(args)
+        if args.port == 0:
             ports = {c.id: 0 for c in config.channels}
     else:
         config = load_config(args.config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with PlantSimulator(config, host=args.host, ports=ports, period=args.period, speed=args.speed,
-                              seed=args.seed) as sim:
-        for channel, port in sim.ports.items():
-            print(f"listening {channel} {args.host}:{port}", flush=True)
-        for name in args.scenario:
-            sim.start_scenario(name, loop=args.loop)
-        await stop.wait()
+    sim = PlantSimulator(config, host=args.host, ports=ports, period=args.period, speed=args.speed, seed=args.seed)
+    await serve_until_stopped(sim, args, lambda: (f"listening {c} {args.host}:{p}" for c, p in sim.ports.items()))
+
+
+def _print_config(args: argparse.Namespace) -> None:
+    data, _ = _synthetic(args)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    sys.stdout.write(yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True))
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from agent.config.models import ConfigError
-
     args = _arguments(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("pymodbus").setLevel(logging.ERROR)
-    try:
-        if args.print_config:
-            data = synthetic_data(args.synthetic, interval=args.interval, port=args.port or 5020,
-                                  per_device=args.per_device, channels=args.channels, host=args.host)
-            synthetic_config(args.synthetic, interval=args.interval, port=args.port or 5020,
-                             per_device=args.per_device, channels=args.channels, host=args.host)
-            dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-            sys.stdout.write(yaml.dump(data, Dumper=dumper, sort_keys=False, allow_unicode=True))
-            return 0
-        asyncio.run(_serve(args))
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(args, lambda: _print_config(args) if args.print_config else asyncio.run(_serve(args)),
+                       quiet="pymodbus")
 
 
 if __name__ == "__main__":

@@ -13,15 +13,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import math
 import os
-import random
-import signal
 import struct
 import sys
 import tempfile
 import termios
-import time
 import tty
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.config.models import AgentConfig, load_config
-from agent.drivers.modbus.codec import BIT_TABLES, REGISTERS, ModbusDevice, ModbusPoint
+from agent.drivers.modbus.codec import BIT_TABLES
 from agent.drivers.modbus.rtu import ModbusRtuChannel, ModbusRtuTcpChannel
-from simulators.modbus import _INT_BOUNDS, _engineering, _raw_of, _Run, _Served, _Unit, normal_band
-from simulators.scenario import ScenarioPlayer
+from simulators.modbus import ModbusPlant, _is_gas, _Unit
+from simulators.plant import add_arguments, run_command, serve_until_stopped
 
 log = logging.getLogger("simulators.modbus_rtu")  # not __main__ when run with -m
 
@@ -72,7 +68,6 @@ def t35(baudrate: int, bits_per_char: float) -> float:
 @dataclass(eq=False)
 class _Slave:
     unit: _Unit
-    tables: set[str]
     dead: bool = False
     delay: float = 0.0
     faults: list[str] = field(default_factory=list)
@@ -90,7 +85,7 @@ def _answer(slave: _Slave, pdu: bytes) -> bytes:
     if table in BIT_TABLES:
         if not 1 <= count <= 2000:
             return bytes([function | 0x80, 3])
-        if table not in slave.tables or start + count > 16 * len(words):
+        if table not in slave.unit.tables or start + count > 16 * len(words):
             return bytes([function | 0x80, 2])
         data = bytearray((count + 7) // 8)
         for i in range(count):
@@ -100,7 +95,7 @@ def _answer(slave: _Slave, pdu: bytes) -> bytes:
         return bytes([function, len(data)]) + bytes(data)
     if not 1 <= count <= 125:
         return bytes([function | 0x80, 3])
-    if table not in slave.tables or start + count > len(words):
+    if table not in slave.unit.tables or start + count > len(words):
         return bytes([function | 0x80, 2])
     return bytes([function, 2 * count]) + struct.pack(f">{count}H", *words[start : start + count])
 
@@ -305,7 +300,7 @@ class _Bus:
 # --- the simulator ---------------------------------------------------------------------------------------
 
 
-class RtuBusSimulator(ScenarioPlayer):
+class RtuBusSimulator(ModbusPlant):
     """Serves every `modbus_rtu` channel of `config` on a pty whose slave side is linked at
     `folder/ttyRS485-<channel id>`, and every `modbus_rtu_tcp` channel on a TCP port of `host`.
 
@@ -314,6 +309,9 @@ class RtuBusSimulator(ScenarioPlayer):
     """
 
     SCENARIOS = SCENARIOS
+    PROTOCOL = "modbus_rtu"
+    WALK_TASK = "rtu walk"
+    LOG = log
 
     def __init__(
         self,
@@ -326,22 +324,11 @@ class RtuBusSimulator(ScenarioPlayer):
         speed: float = 1.0,
         seed: int | None = None,
     ) -> None:
-        if period <= 0 or speed <= 0:
-            raise ValueError("period and speed must be positive")
+        super().__init__(period=period, speed=speed, seed=seed)
         self.config = config
         self.folder = Path(folder)
         self.host = host
-        self.period = period
-        self.speed = speed
-        self.changes: list[tuple[float, str, float | bool]] = []
-        """(time.time(), point id, value) of every set_value, scenarios included, in order."""
-        self._rng = random.Random(seed)
         self._buses: dict[str, _Bus] = {}
-        self._points: dict[str, _Served] = {}
-        self._runs: list[_Run] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._walker: asyncio.Task[None] | None = None
-        self._started = False
         wanted = dict(ports or {})
         for channel in config.channels:
             if isinstance(channel, ModbusRtuChannel):
@@ -351,66 +338,21 @@ class RtuBusSimulator(ScenarioPlayer):
             else:
                 continue
             self._buses[channel.id] = bus
-            by_unit: dict[int, list[ModbusDevice]] = {}
-            for device in channel.devices:
-                by_unit.setdefault(device.unit, []).append(device)  # one slave may be polled as several devices
-            for unit_id, devices in by_unit.items():
-                unit = _Unit(unit_id, devices)
-                bus.slaves[unit_id] = _Slave(unit, {p.table for d in devices for p in d.points})
-                self._build_unit(unit, devices)
+            for unit_id, unit in self._serve_units(channel.devices).items():
+                bus.slaves[unit_id] = _Slave(unit)
         if wanted:
             raise ValueError(f"ports given for channels that are not modbus_rtu_tcp: {sorted(wanted)}")
 
-    def _build_unit(self, unit: _Unit, devices: list[ModbusDevice]) -> None:
-        groups: dict[tuple[str, str, str], list[ModbusPoint]] = {}
-        for device in devices:
-            for p in device.points:
-                self._points[p.id] = _Served(p, unit)
-                if p.type == "bool":
-                    self._points[p.id].held = False
-                else:
-                    order = p.order if REGISTERS[p.type] > 1 else ("DCBA" if p.order in ("BADC", "DCBA") else "ABCD")
-                    groups.setdefault((p.table, p.type, order), []).append(p)
-        for (table, _, _), points in groups.items():
-            points.sort(key=lambda p: p.address)
-            run = _Run(unit, table, points, self._rng)
-            for i, p in enumerate(points):
-                self._points[p.id].run, self._points[p.id].index = run, i
-            run.write()
-            self._runs.append(run)
-
     # --- lifecycle ---
 
-    async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for bus in self._buses.values():
-                await self._plug(bus)
-        except BaseException:
-            await self.stop()
-            raise
-        self._walker = asyncio.create_task(self._walk_forever(), name="rtu walk")
+    async def _open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for bus in self._buses.values():
+            await self._plug(bus)
 
-    async def stop(self) -> None:
-        tasks = [t for t in (self._walker, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._walker = None
-        self._tasks.clear()
+    async def _close(self) -> None:
         for bus in self._buses.values():
             self._unplug(bus)
-        self._started = False
-
-    async def __aenter__(self) -> RtuBusSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def _plug(self, bus: _Bus) -> None:
         if bus.plugged:
@@ -439,17 +381,11 @@ class RtuBusSimulator(ScenarioPlayer):
     # --- faults ---
 
     def _bus(self, channel_id: str) -> _Bus:
-        try:
-            return self._buses[channel_id]
-        except KeyError:
-            raise ValueError(f"no modbus_rtu channel {channel_id!r} (served: {', '.join(self._buses)})") from None
+        return self._channel_of(self._buses, channel_id)
 
     def _slave(self, channel_id: str, device_id: str) -> _Slave:
-        bus = self._bus(channel_id)
-        for slave in bus.slaves.values():
-            if device_id in slave.unit.device_ids:
-                return slave
-        raise ValueError(f"channel {channel_id}: no device {device_id!r}")
+        slaves = self._bus(channel_id).slaves.values()
+        return self._device_of(channel_id, device_id, slaves, lambda slave: slave.unit.device_ids)
 
     def set_slave_dead(self, channel_id: str, device_id: str, dead: bool) -> None:
         """A dead slave hears requests but never answers, so the master times out."""
@@ -489,110 +425,19 @@ class RtuBusSimulator(ScenarioPlayer):
             done: asyncio.Future[None] = loop.create_future()
             done.set_result(None)
             return done
-        task = loop.create_task(self._plug(bus), name=f"rtu replug {channel_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    # --- values ---
-
-    def _served(self, point_id: str) -> _Served:
-        try:
-            return self._points[point_id]
-        except KeyError:
-            raise ValueError(f"no point {point_id!r} on a modbus_rtu channel") from None
-
-    def set_value(self, point_id: str, value: float | bool) -> None:
-        """Set a point now (engineering units) and hold it there until `release`."""
-        served = self._served(point_id)
-        point = served.point
-        if point.type == "bool":
-            served.held = bool(value)
-            served.unit.put(point, bool(value))
-        else:
-            raw = _raw_of(point, value)
-            served.unit.put(point, raw)
-            served.held = _engineering(point, raw) if isinstance(raw, int) else float(value)
-            assert served.run is not None
-            served.run.held[served.index] = raw
-            served.run.state[served.index] = raw
-        self.changes.append((time.time(), point_id, served.held))
-
-    def value(self, point_id: str) -> float | bool:
-        """The point's engineering value as it is served now."""
-        served = self._served(point_id)
-        if served.held is not None:
-            return served.held
-        assert served.run is not None
-        raw = served.run.state[served.index]
-        return _engineering(served.point, round(raw) if served.run.integer else raw)
-
-    def release(self, point_id: str) -> None:
-        """Let a held analog point walk again, from where it is; bool points stay as set."""
-        served = self._served(point_id)
-        if served.run is not None:
-            served.run.held.pop(served.index, None)
-            served.held = None
-
-    def walk(self) -> None:
-        """Move every analog point that is not held one step of its bounded random walk."""
-        rnd = self._rng.random
-        for run in self._runs:
-            run.walk(rnd)
-
-    async def _walk_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        due = loop.time()
-        while True:
-            due = max(due + self.period, loop.time())
-            await asyncio.sleep(due - loop.time())
-            self.walk()
+        return self._own(loop.create_task(self._plug(bus), name=f"rtu replug {channel_id}"))
 
     # --- scenarios ---
 
     def scenarios(self) -> list[str]:
         return list(SCENARIOS)
 
-    async def _ramp(self, point: ModbusPoint, target: float, seconds: float, pace: float) -> None:
-        start = float(self.value(point.id))
-        steps = max(1, math.ceil(seconds / 0.5))
-        for k in range(1, steps + 1):
-            await asyncio.sleep(seconds / steps / pace)
-            self.set_value(point.id, start + (target - start) * k / steps)
-
     async def gas_leak(self, *, speed: float | None = None) -> None:
         """The first combustible gas detector (domain gas, %LEL, with high and high_high limits) reads a leak that
         passes the first and the second alarm level, holds, then is ventilated back to clean air."""
-        point = next((s.point for s in self._points.values()
-                      if s.run is not None and s.point.domain == "gas" and s.point.unit == "%LEL"
-                      and s.point.limits is not None and s.point.limits.high is not None
-                      and s.point.limits.high_high is not None), None)
-        if point is None:
-            raise ValueError("no gas point in %LEL with high and high_high limits is served")
-        limits = point.limits
-        assert limits is not None and limits.high is not None and limits.high_high is not None
-        pace = speed or self.speed
-        quantum = abs(point.scale) if point.type in _INT_BOUNDS else 0.0
-        margin = max(0.1 * (limits.high_high - limits.high), 2 * limits.deadband, 2 * quantum)
-        first = min(limits.high + margin, (limits.high + limits.high_high) / 2)
-        second = limits.high_high + margin
-        if point.range is not None and limits.high_high <= point.range[1]:
-            second = min(second, point.range[1])
-        band_low, band_high = normal_band(point)
-        clean = min((band_low + band_high) / 2, limits.high - limits.deadband - margin)
-        try:
-            log.info("scenario gas_leak: %s rises past the first alarm %g %s", point.id, limits.high, point.unit)
-            await self._ramp(point, first, 10.0, pace)
-            await asyncio.sleep(15.0 / pace)
-            log.info("scenario gas_leak: %s rises past the second alarm %g %s", point.id, limits.high_high,
-                     point.unit)
-            await self._ramp(point, second, 10.0, pace)
-            await asyncio.sleep(15.0 / pace)
-            log.info("scenario gas_leak: %s is ventilated back to %g %s", point.id, clean, point.unit)
-            await self._ramp(point, clean, 20.0, pace)
-        finally:
-            self.release(point.id)
-        log.info("scenario gas_leak: done")
+        point = self._first_point("gas point in %LEL", _is_gas)
+        await self._excursion("gas_leak", point, (10.0, 15.0, 10.0, 15.0, 20.0), speed,
+                              ("rises past the first alarm", "rises past the second alarm", "is ventilated back to"))
 
 
 # --- command line ----------------------------------------------------------------------------------------
@@ -605,45 +450,27 @@ def _arguments(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address the modbus_rtu_tcp channels listen on")
     parser.add_argument("--free-ports", action="store_true",
                         help="modbus_rtu_tcp channels listen on free ports instead of their configured ones")
-    parser.add_argument("--scenario", action="append", default=[], choices=SCENARIOS, help="run a scenario")
-    parser.add_argument("--speed", type=float, default=1.0, help="scenario speed factor (2 = twice as fast)")
-    parser.add_argument("--loop", action="store_true", help="repeat the scenarios until stopped")
-    parser.add_argument("--period", type=float, default=1.0, help="seconds between steps of the value walk")
-    parser.add_argument("--seed", type=int, help="random seed of the value walk")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log scenario steps")
+    add_arguments(parser, SCENARIOS)
     return parser.parse_args(None if argv is None else list(argv))
+
+
+def _where(fields: dict[str, Any]) -> str:
+    return str(fields["port"]) if "host" not in fields else f"{fields['host']}:{fields['port']}"
 
 
 async def _serve(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     folder = args.folder or Path(tempfile.mkdtemp(prefix="rtu-sim-"))
     ports = {} if args.free_ports else {c.id: c.port for c in config.channels if isinstance(c, ModbusRtuTcpChannel)}
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with RtuBusSimulator(config, folder=folder, host=args.host, ports=ports, period=args.period,
-                               speed=args.speed, seed=args.seed) as sim:
-        for channel, fields in sim.channel_overrides().items():
-            where = fields["port"] if "host" not in fields else f"{fields['host']}:{fields['port']}"
-            print(f"serving {channel} {where}", flush=True)
-        for name in args.scenario:
-            sim.start_scenario(name, loop=args.loop)
-        await stop.wait()
+    sim = RtuBusSimulator(config, folder=folder, host=args.host, ports=ports, period=args.period, speed=args.speed,
+                          seed=args.seed)
+    await serve_until_stopped(sim, args, lambda: (f"serving {channel} {_where(fields)}"
+                                                  for channel, fields in sim.channel_overrides().items()))
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from agent.config.models import ConfigError
-
     args = _arguments(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        asyncio.run(_serve(args))
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(args, lambda: asyncio.run(_serve(args)))
 
 
 if __name__ == "__main__":

@@ -16,18 +16,22 @@ import json
 import logging
 import math
 import random
-import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from asyncua import Server, ua
+from asyncua import ua
 from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.server.server import Server
+from asyncua.server.user_managers import UserManager
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.status_codes import StatusCodes
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -35,7 +39,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.config.models import AgentConfig, load_config
 from agent.drivers.opcua.driver import CLIENT_URI, OpcUaChannel, OpcUaPoint
-from simulators.scenario import ScenarioPlayer
+from simulators.plant import Done, Plant, add_arguments, run_command, serve_until_stopped
+from simulators.scenario import ramp
 
 log = logging.getLogger("simulators.opcua")  # not __main__ when run with -m
 
@@ -48,10 +53,9 @@ Kind = Literal["int", "float", "bool", "str"]
 Status = Literal["good", "uncertain", "bad"]
 _VARIANT: dict[str, ua.VariantType] = {"int": ua.VariantType.Int32, "float": ua.VariantType.Double,
                                        "bool": ua.VariantType.Boolean, "str": ua.VariantType.String}
-_DATA_TYPE = {"int": ua.ObjectIds.Int32, "float": ua.ObjectIds.Double, "bool": ua.ObjectIds.Boolean,
-              "str": ua.ObjectIds.String}
-_STATUS = {"good": ua.StatusCodes.Good, "uncertain": ua.StatusCodes.UncertainLastUsableValue,
-           "bad": ua.StatusCodes.BadSensorFailure}
+_DATA_TYPE = {"int": ObjectIds.Int32, "float": ObjectIds.Double, "bool": ObjectIds.Boolean, "str": ObjectIds.String}
+_STATUS = {"good": StatusCodes.Good, "uncertain": StatusCodes.UncertainLastUsableValue,
+           "bad": StatusCodes.BadSensorFailure}
 
 
 # --- certificates --------------------------------------------------------------------------------------
@@ -205,9 +209,9 @@ def default_nodes() -> list[_Node]:
     return nodes
 
 
-def _raw(point: OpcUaPoint, value: float | None) -> Any:
+def _raw(point: OpcUaPoint, value: float) -> float:
     """An engineering value of `point` as the server holds it (before the agent's scale and offset)."""
-    if value is None or point.scale == 0 or (point.scale, point.offset) == (1.0, 0.0):
+    if point.scale == 0 or (point.scale, point.offset) == (1.0, 0.0):
         return value
     return (value - point.offset) / point.scale
 
@@ -216,7 +220,16 @@ def _canonical(node: str) -> str:
     return str(ua.NodeId.from_string(node).to_string())
 
 
-class _Users:
+def _standard(identifier: int) -> ua.NodeId:
+    """The node id of a standard node (namespace 0), e.g. a data type."""
+    return ua.NodeId(ua.Int32(identifier), ua.Int16(0))
+
+
+def _status(code: int) -> ua.StatusCode:
+    return ua.StatusCode(ua.UInt32(code))
+
+
+class _Users(UserManager):
     """asyncua's user manager: the configured users with their passwords, and anonymous unless refused."""
 
     def __init__(self, users: dict[str, str], anonymous: bool) -> None:
@@ -232,18 +245,10 @@ class _Users:
         return None
 
 
-class _Done:
-    """An awaitable that is already complete, for writes while no server runs."""
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return
-        yield
-
-
 # --- the simulator -------------------------------------------------------------------------------------
 
 
-class OpcUaSimulator(ScenarioPlayer):
+class OpcUaSimulator(Plant):
     """An OPC UA server on `host:port` (0 picks a free port, kept across restarts) at `path`.
 
     With a configuration it serves a variable for every node of its `opcua` channels (integers for the personnel
@@ -251,11 +256,12 @@ class OpcUaSimulator(ScenarioPlayer):
     Basic256Sha256 Sign and SignAndEncrypt with a certificate made in `folder` at the first start. Logins: the
     configuration's usernames and `users`, and anonymous unless `anonymous` is False. `trusted`, when given, lists
     the only client certificates accepted (others get BadCertificateUntrusted); when None any client certificate is.
+    `stop` drops every connection and the port refuses; `start` listens again on the same port, values and statuses
+    kept.
     """
 
     SCENARIOS = SCENARIOS
-
-    SCENARIOS = SCENARIOS
+    WALK_TASK = "opcua walk"
 
     def __init__(
         self,
@@ -273,8 +279,7 @@ class OpcUaSimulator(ScenarioPlayer):
         speed: float = 1.0,
         seed: int | None = None,
     ) -> None:
-        if period <= 0 or speed <= 0:
-            raise ValueError("period and speed must be positive")
+        super().__init__(period=period, speed=speed)
         self.config = config
         self.folder = Path(folder)
         self.host = host
@@ -282,8 +287,6 @@ class OpcUaSimulator(ScenarioPlayer):
         self.path = path if path.startswith("/") or not path else f"/{path}"
         self.allow_none = allow_none
         self.anonymous = anonymous
-        self.period = period
-        self.speed = speed
         self.users = dict(users or {})
         self.trusted = None if trusted is None else list(trusted)
         self.changes: list[tuple[str, Any]] = []
@@ -293,8 +296,6 @@ class OpcUaSimulator(ScenarioPlayer):
         self._points: dict[str, tuple[_Node, OpcUaPoint]] = {}
         self._channels: list[OpcUaChannel] = []
         self._server: Server | None = None
-        self._walker: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._trusted_der: set[bytes] = set()
         if config is None:
             for node in default_nodes():
@@ -327,8 +328,9 @@ class OpcUaSimulator(ScenarioPlayer):
                                      domain=point.domain)
                         limits = point.limits
                         if limits is not None:
-                            node.limits = (_raw(point, limits.high), _raw(point, limits.high_high),
-                                           limits.deadband / abs(point.scale or 1.0))
+                            first, second = (None if v is None else _raw(point, v)
+                                             for v in (limits.high, limits.high_high))
+                            node.limits = (first, second, limits.deadband / abs(point.scale or 1.0))
                         self._nodes[key] = node
                     self._points[point.id] = (node, point)
         for zone in config.zones:  # a quiet zone holds well under its crowding limit
@@ -367,10 +369,8 @@ class OpcUaSimulator(ScenarioPlayer):
             out[channel.id] = fields
         return out
 
-    async def start(self) -> None:
+    async def _open(self) -> None:
         """Listen (again, on the same port after a stop); values and statuses survive a restart."""
-        if self._server is not None:
-            return
         if self.port == 0:
             with socket.socket() as sock:
                 sock.bind((self.host, 0))
@@ -386,28 +386,14 @@ class OpcUaSimulator(ScenarioPlayer):
         except OSError as exc:
             raise OSError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
         self._server = server
-        self._walker = asyncio.create_task(self._walk_forever(), name="opcua walk")
         log.info("listening on %s", self.endpoint)
 
-    async def stop(self) -> None:
-        """Stop serving: every connection drops and the port refuses; scenarios stop too."""
-        tasks = [t for t in (self._walker, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._walker = None
-        self._tasks.clear()
+    async def _close(self) -> None:
+        """Stop serving: every connection drops and the port refuses."""
         server, self._server = self._server, None
         if server is not None:
             await server.stop()
             log.info("stopped %s", self.endpoint)
-
-    async def __aenter__(self) -> OpcUaSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     @property
     def running(self) -> bool:
@@ -439,13 +425,13 @@ class OpcUaSimulator(ScenarioPlayer):
             for depth in range(1, len(node.folder) + 1):
                 path = node.folder[:depth]
                 if path not in folders:
-                    folder_id = ua.NodeId("edge-sim:" + "/".join(path), 1)
+                    folder_id = ua.NodeId(ua.String("edge-sim:" + "/".join(path)), ua.Int16(1))
                     folders[path] = await parent.add_folder(folder_id, ua.QualifiedName(path[-1], 1))
                 parent = folders[path]
             nodeid = ua.NodeId.from_string(node.nodeid)
             await parent.add_variable(nodeid, ua.QualifiedName(node.name, nodeid.NamespaceIndex),
                                       ua.Variant(node.value, _VARIANT[node.kind]),
-                                      datatype=ua.NodeId(_DATA_TYPE[node.kind], 0))
+                                      datatype=_standard(_DATA_TYPE[node.kind]))
             node.served_kind = node.kind
             datavalue = self._datavalue(node)
             await server.write_attribute_value(nodeid, datavalue)
@@ -455,7 +441,7 @@ class OpcUaSimulator(ScenarioPlayer):
     async def _check_client(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
         if cert.public_bytes(serialization.Encoding.DER) not in self._trusted_der:
             log.info("refused untrusted client certificate %s", cert.subject.rfc4514_string())
-            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+            raise ServiceError(StatusCodes.BadCertificateUntrusted)
 
     # --- values ---
 
@@ -476,13 +462,13 @@ class OpcUaSimulator(ScenarioPlayer):
         return list(self._nodes)
 
     def _datavalue(self, node: _Node) -> ua.DataValue:
-        now = dt.datetime.now(dt.UTC)
+        now = ua.DateTime.now(dt.UTC)
         value = node.value
         if node.kind == "int":
             value = int(value)
         elif node.kind == "float":
             value = float(value)
-        return ua.DataValue(ua.Variant(value, _VARIANT[node.kind]), ua.StatusCode(_STATUS[node.status]),
+        return ua.DataValue(ua.Variant(value, _VARIANT[node.kind]), _status(_STATUS[node.status]),
                             SourceTimestamp=now, ServerTimestamp=now)
 
     async def _write(self, node: _Node) -> None:
@@ -492,10 +478,10 @@ class OpcUaSimulator(ScenarioPlayer):
         nodeid = ua.NodeId.from_string(node.nodeid)
         if node.served_kind != node.kind:
             # a variable refuses a value of another type; a bad write empties it so its new DataType applies
-            await server.write_attribute_value(nodeid, ua.DataValue(ua.Variant(ua.NodeId(_DATA_TYPE[node.kind], 0))),
-                                               ua.AttributeIds.DataType)
+            await server.write_attribute_value(nodeid, ua.DataValue(ua.Variant(_standard(_DATA_TYPE[node.kind]))),
+                                               AttributeIds.DataType)
             await server.write_attribute_value(
-                nodeid, ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData)))
+                nodeid, ua.DataValue(StatusCode=_status(StatusCodes.BadWaitingForInitialData)))
             node.served_kind = node.kind
         datavalue = self._datavalue(node)
         await server.write_attribute_value(nodeid, datavalue)
@@ -503,11 +489,8 @@ class OpcUaSimulator(ScenarioPlayer):
 
     def _schedule(self, node: _Node) -> Awaitable[None]:
         if self._server is None:
-            return _Done()
-        task = asyncio.get_running_loop().create_task(self._write(node), name=f"opcua write {node.nodeid}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+            return Done()
+        return self._own(asyncio.get_running_loop().create_task(self._write(node), name=f"opcua write {node.nodeid}"))
 
     def set_value(self, key: str, value: float | bool | str) -> Awaitable[None]:
         """Serve `value` at a point (by id, in its engineering unit) or a node (by id, as the raw server value) and
@@ -576,24 +559,19 @@ class OpcUaSimulator(ScenarioPlayer):
             site.value = sum(int(n.value) for n in self._nodes.values()
                              if n.nodeid.endswith(".HeadCount") and n is not site and n.kind == "int")
 
-    async def _walk_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        due = loop.time()
-        while True:
-            due = max(due + self.period, loop.time())  # a late tick is not made up for by a burst
-            await asyncio.sleep(due - loop.time())
-            self.walk()
-            server = self._server
-            if server is not None:
-                await server.write_attribute_value(ua.NodeId(ua.ObjectIds.Server_ServerStatus_CurrentTime, 0),
-                                                   ua.DataValue(ua.Variant(dt.datetime.now(dt.UTC),
-                                                                           ua.VariantType.DateTime)))
-            # every node is written each tick, as a DCS scan would: source timestamps say the value is fresh
-            for node in list(self._nodes.values()):
-                try:
-                    await self._write(node)
-                except Exception:  # one refused write must not stop the plant
-                    log.exception("writing %s", node.nodeid)
+    async def _tick(self, elapsed: float) -> None:
+        self.walk()
+        server = self._server
+        if server is not None:
+            await server.write_attribute_value(_standard(ObjectIds.Server_ServerStatus_CurrentTime),
+                                               ua.DataValue(ua.Variant(dt.datetime.now(dt.UTC),
+                                                                       ua.VariantType.DateTime)))
+        # every node is written each tick, as a DCS scan would: source timestamps say the value is fresh
+        for node in list(self._nodes.values()):
+            try:
+                await self._write(node)
+            except Exception:  # one refused write must not stop the plant
+                log.exception("writing %s", node.nodeid)
 
     # --- scenarios ---
 
@@ -607,11 +585,8 @@ class OpcUaSimulator(ScenarioPlayer):
         raise ValueError(f"no {what} is served")
 
     async def _ramp(self, node: _Node, target: float, seconds: float, pace: float) -> None:
-        start = float(node.value)
-        steps = max(1, math.ceil(seconds / 0.5))  # a step every half second at speed 1
-        for k in range(1, steps + 1):
-            await asyncio.sleep(seconds / steps / pace)
-            await self.set_value(node.nodeid, start + (target - start) * k / steps)
+        async for value in ramp(float(node.value), target, seconds, pace):
+            await self.set_value(node.nodeid, value)
 
     async def crowding(self, *, speed: float | None = None, hold: float | None = None) -> None:
         """The first personnel zone with a limit fills past it, stays crowded (people come and go, always above
@@ -691,12 +666,7 @@ def _arguments(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--secure-only", action="store_true", help="offer no endpoint without security")
     parser.add_argument("--trust", type=Path, action="append", metavar="CERT",
                         help="accept only these client certificates (default: any)")
-    parser.add_argument("--scenario", action="append", default=[], choices=SCENARIOS, help="run a scenario")
-    parser.add_argument("--speed", type=float, default=1.0, help="scenario speed factor (2 = twice as fast)")
-    parser.add_argument("--loop", action="store_true", help="repeat the scenarios until stopped")
-    parser.add_argument("--period", type=float, default=1.0, help="seconds between steps of the value walk")
-    parser.add_argument("--seed", type=int, help="random seed of the value walk")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log scenario steps")
+    add_arguments(parser, SCENARIOS)
     args = parser.parse_args(None if argv is None else list(argv))
     for user in args.user:
         if ":" not in user:
@@ -708,38 +678,24 @@ async def _serve(args: argparse.Namespace) -> None:
     config = load_config(args.config) if args.config is not None else None
     folder = args.folder or Path(tempfile.mkdtemp(prefix="opcua-sim-"))
     users = dict(u.split(":", 1) for u in args.user)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     sim = OpcUaSimulator(config, folder=folder, port=args.port, host=args.host, path=args.path,
                          allow_none=not args.secure_only, users=users, anonymous=not args.no_anonymous,
                          trusted=args.trust, period=args.period, speed=args.speed, seed=args.seed)
-    async with sim:
+
+    def announce() -> Iterator[str]:
         cert, key = sim.client_certificate()
-        print(f"listening {sim.endpoint}", flush=True)
-        print(f"server certificate {sim.server_certificate}", flush=True)
-        print(f"client certificate {cert} key {key}", flush=True)
+        yield f"listening {sim.endpoint}"
+        yield f"server certificate {sim.server_certificate}"
+        yield f"client certificate {cert} key {key}"
         for channel, fields in sim.channel_overrides().items():
-            print(f"channel {channel} {json.dumps(fields, ensure_ascii=False)}", flush=True)
-        for name in args.scenario:
-            sim.start_scenario(name, loop=args.loop)
-        await stop.wait()
+            yield f"channel {channel} {json.dumps(fields, ensure_ascii=False)}"
+
+    await serve_until_stopped(sim, args, announce)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from agent.config.models import ConfigError
-
     args = _arguments(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
-    try:
-        asyncio.run(_serve(args))
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(args, lambda: asyncio.run(_serve(args)), quiet="asyncua")
 
 
 if __name__ == "__main__":

@@ -457,12 +457,7 @@ class PlatformSimulator:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # only reachable with validate=False
             self._reject(f"{where}: cannot be kept ({type(exc).__name__}: {exc})")
             return
-        hook = self.on_message
-        if hook is not None:
-            try:
-                hook(topic, msg)
-            except Exception:
-                log.exception("the on_message hook failed on %s", topic)
+        self._call_hook(topic, msg)
 
     def _keep_result(self, topic: str, payload: bytes | bytearray) -> None:
         try:
@@ -477,6 +472,9 @@ class PlatformSimulator:
                 return
         with self._lock:
             self._results.append(msg)
+        self._call_hook(topic, msg)
+
+    def _call_hook(self, topic: str, msg: dict[str, Any]) -> None:
         hook = self.on_message
         if hook is not None:
             try:

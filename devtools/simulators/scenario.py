@@ -4,8 +4,11 @@ a loop as a task the simulator owns (so `stop` cancels it)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+T = TypeVar("T")
 
 
 class ScenarioPlayer:
@@ -34,7 +37,19 @@ class ScenarioPlayer:
                     return
                 await asyncio.sleep(pause / (speed or self.speed))
 
-        task = asyncio.create_task(repeat(), name=f"scenario {name}")
+        return self._own(asyncio.create_task(repeat(), name=f"scenario {name}"))
+
+    def _own(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
+        """Keep `task` until it ends, so that `stop` cancels it."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+async def ramp(start: float, target: float, seconds: float, pace: float) -> AsyncIterator[float]:
+    """The values of a straight ramp from `start` to `target` over `seconds / pace`, a step every half second at
+    pace 1, each given once its step's time has passed; the last is `target` itself."""
+    steps = max(1, math.ceil(seconds / 0.5))
+    for k in range(1, steps + 1):
+        await asyncio.sleep(seconds / steps / pace)
+        yield target if k == steps else start + (target - start) * k / steps

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from agent.config.base import ChannelBase, Duration
 from agent.drivers import registry
-from agent.drivers.links import ByteLink, TcpLink
+from agent.drivers.links import MAX_UNREAD, ByteLink, TcpLink
 from agent.drivers.modbus.codec import (
     Block,
     BlockReader,
@@ -172,6 +172,7 @@ class RtuMaster(BlockReader):
         self._idle_since = 0.0
         self._silent: set[str] = set()
         self._lost_logged = False
+        self._overflow_reported = 0
 
     def _new_link(self) -> ByteLink:
         raise NotImplementedError
@@ -188,6 +189,7 @@ class RtuMaster(BlockReader):
             return
         if self._link is None:
             self._link = self._new_link()
+            self._overflow_reported = 0
         try:
             await self._link.open()
         except ConnectionError:
@@ -248,6 +250,10 @@ class RtuMaster(BlockReader):
         stale = link.discard_input()
         if stale:
             log.debug("channel %s: dropped %d stale bytes before a request", self.channel_id, len(stale))
+        if link.overflowed > self._overflow_reported:
+            log.warning("channel %s: %s sends without being asked: %d bytes dropped beyond the %d-byte input bound",
+                        self.channel_id, self._where(), link.overflowed - self._overflow_reported, MAX_UNREAD)
+            self._overflow_reported = link.overflowed
 
     async def _settle(self) -> None:
         """Drop input until the line has been quiet for a while (bounded): the tail of a bad frame must not be
