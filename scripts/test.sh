@@ -18,8 +18,9 @@ export PATH="$PATH:/usr/sbin"
 
 echo "== ruff"
 .venv/bin/ruff check agent devtools tests
-echo "== mypy --strict agent"
+echo "== mypy --strict agent devtools"
 .venv/bin/mypy --strict agent
+.venv/bin/mypy --strict devtools/simulators devtools/bench
 echo "== pytest"
 # the slow tests mostly wait (outages, restarts), so several run side by side even on two cores
 .venv/bin/python -m pytest -q -n 4 "$@"

@@ -123,11 +123,13 @@ class AgentProcess:
         self.config_path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
         self.log_path = workdir / "agent.log"
         self.agent_id = (config.get("agent") or {}).get("id")
+        self.started_ms = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.started_ms = now_ms()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
             stdout=log, stderr=log, env=env, cwd=ROOT,
@@ -156,6 +158,11 @@ class AgentProcess:
         code = self.proc.returncode
         self.proc = None
         return int(code)
+
+    def seen_online_by(self, platform: Any) -> bool:
+        """True once `platform` has the online status of this run of the agent: connected, about to send."""
+        return any(s["agent"] == self.agent_id and s["online"] is True and s.get("started", -1) >= self.started_ms
+                   for s in platform.statuses())
 
     def stop_seen_by(self, platform: Any, timeout: float = 20) -> int:
         """`stop`, then wait until `platform` has the offline status the agent sent on its way out.
@@ -294,3 +301,11 @@ def sims() -> Iterator[Any]:
         with contextlib.suppress(Exception):
             thread.run(sim.stop(), 30)
     thread.close()
+
+
+# hypothesis (tests/test_fuzz_store.py): a bounded run in the normal suite, 20,000 examples a test with EDGE_FUZZ=long
+from hypothesis import settings as _fuzz_settings  # noqa: E402
+
+_fuzz_settings.register_profile("edge", max_examples=200, deadline=None, database=None, print_blob=True)
+_fuzz_settings.register_profile("edge-long", max_examples=20_000, deadline=None, database=None, print_blob=True)
+_fuzz_settings.load_profile("edge-long" if os.environ.get("EDGE_FUZZ") == "long" else "edge")

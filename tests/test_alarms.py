@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.config.models import parse_config
+from agent.config.loader import parse_config
 from agent.config.points import PointTable
 from agent.core import BAD, GOOD, AlarmEvent, ReadingBatch
 from agent.rules.engine import AlarmEngine

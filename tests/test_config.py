@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, SHIPPED_CONFIGS
 
-from agent.config.models import ConfigError, load_config, parse_config
+from agent.config.loader import load_config, parse_config
+from agent.errors import ConfigError
 
 BASE = """
 agent: {id: ipc-01, enterprise: "150625000123"}

@@ -2,25 +2,76 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+from simulators.demo import DEFAULT_CONFIG, find_mosquitto
+
+PROTOCOLS = {"modbus_tcp", "modbus_rtu", "opcua", "dlt645"}  # the demo site uses all four
 
 
-@pytest.mark.timeout(120)
-def test_demo_with_the_embedded_broker_delivers_everything_and_exits_0() -> None:
+def run_demo(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Run `edge-agent demo` for 12 s; its output, and the summary it wrote as JSON."""
+    summary = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "demo", "--duration", "12", "--broker", "embedded"],
+        [sys.executable, "-m", "agent", "demo", "--duration", "12", "--summary-json", str(summary), *args],
         capture_output=True, text=True, timeout=110,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "the embedded broker" in result.stdout
-    assert "nothing lost" in result.stdout
-    assert "seq gaps (lost)" in result.stdout
-    for protocol in ("modbus_tcp", "modbus_rtu", "opcua", "dlt645"):  # config/demo.yaml uses all four
-        line = next(line for line in result.stdout.splitlines() if f"valid readings via {protocol}" in line)
-        assert int(line.split("│")[-2].strip()) > 0, line
+    return result.stdout, json.loads(summary.read_text(encoding="utf-8"))
+
+
+def assert_everything_delivered(summary: dict[str, Any]) -> None:
+    assert summary["ok"] is True, summary["problems"]
+    assert summary["problems"] == []
+    assert summary["agent_exit_code"] == 0
+    assert summary["counts"]["stored"] > 0
+    assert summary["counts"]["lost"] == 0
+    assert summary["lost_seq"] == []
+    assert summary["counts"]["schema_errors"] == 0
+    assert set(summary["valid_readings"]) == PROTOCOLS
+    assert all(count > 0 for count in summary["valid_readings"].values()), summary["valid_readings"]
+
+
+@pytest.mark.timeout(120)
+def test_demo_uses_mosquitto_when_installed_delivers_everything_and_exits_0(tmp_path: Path) -> None:
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed: run the README's test command, which installs it")
+    stdout, summary = run_demo(tmp_path)
+    assert summary["broker"] == "mosquitto"
+    assert "broker: mosquitto on 127.0.0.1:" in stdout
+    assert_everything_delivered(summary)
+    assert "nothing lost" in stdout
+
+
+@pytest.mark.timeout(120)
+def test_demo_with_the_embedded_amqtt_broker_delivers_everything_and_exits_0(tmp_path: Path) -> None:
+    stdout, summary = run_demo(tmp_path, "--broker", "embedded")
+    assert summary["broker"] == "amqtt"
+    assert "broker: amqtt (built in) on 127.0.0.1:" in stdout
+    assert_everything_delivered(summary)
+    assert "nothing lost" in stdout
+
+
+@pytest.mark.timeout(60)
+def test_embedded_broker_refuses_a_site_speaking_mqtt_5_before_starting_anything(tmp_path: Path) -> None:
+    site = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    site["uplink"]["protocol"] = "5"  # amqtt speaks MQTT 3.1.1 only
+    config = tmp_path / "site.yaml"
+    config.write_text(yaml.safe_dump(site, allow_unicode=True), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "demo", "--duration", "5", "--broker", "embedded", "--config", str(config)],
+        capture_output=True, text=True, timeout=50,
+    )
+    assert result.returncode == 1
+    assert "MQTT 3.1.1 only" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.timeout(30)

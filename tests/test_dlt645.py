@@ -19,19 +19,13 @@ from typing import Any
 
 import pytest
 
-from agent.config.models import AgentConfig, ConfigError, parse_config, validate_config_data
+from agent.config.loader import parse_config, validate_config_data
+from agent.config.models import AgentConfig
 from agent.core import BAD, GOOD, ReadingBatch
-from agent.drivers.dlt645 import driver as dlt645
-from agent.drivers.dlt645.driver import (
-    DataFormat,
-    Dlt645Bus,
-    Dlt645Channel,
-    Dlt645Driver,
-    ErrorReply,
-    FrameError,
-    NoReply,
-    split_frame,
-)
+from agent.drivers.dlt645 import codec
+from agent.drivers.dlt645.codec import DataFormat, ErrorReply, FrameError, NoReply, split_frame
+from agent.drivers.dlt645.driver import Dlt645Bus, Dlt645Channel, Dlt645Driver
+from agent.errors import ConfigError
 from agent.pipeline.ingest import Pipeline
 from agent.pipeline.poller import Poller
 from agent.store import Store
@@ -89,9 +83,9 @@ def frames_in(data: bytes) -> list[Any]:
 @pytest.mark.timeout(10)
 def test_read_request_is_the_hand_computed_frame_with_0_to_4_wake_up_bytes() -> None:
     for preamble in range(5):
-        assert dlt645.read_request("123456789012", 0x00010000, preamble) == b"\xfe" * preamble + READ_ENERGY
-    assert dlt645.read_request("681668166816", 0x02010100) == READ_VOLTAGE_68
-    assert dlt645.read_address_request() == READ_ADDRESS
+        assert codec.read_request("123456789012", 0x00010000, preamble) == b"\xfe" * preamble + READ_ENERGY
+    assert codec.read_request("681668166816", 0x02010100) == READ_VOLTAGE_68
+    assert codec.read_address_request() == READ_ADDRESS
 
 
 @pytest.mark.timeout(10)
@@ -118,17 +112,17 @@ def test_a_reply_is_parsed_by_length_whatever_wake_up_bytes_precede_it() -> None
         (frame,) = frames_in(b"\xfe" * preamble + ENERGY_REPLY)
         assert (frame.address, frame.control, frame.raw) == ("123456789012", 0x91, ENERGY_REPLY)
         assert frame.data == bytes.fromhex("00 00 01 00 56 34 12 00")
-        assert dlt645.decode_value(frame.data[4:], dlt645.KNOWN_DIS[0x00010000]) == 1234.56
+        assert codec.decode_value(frame.data[4:], codec.KNOWN_DIS[0x00010000]) == 1234.56
 
 
 @pytest.mark.timeout(10)
 def test_an_address_holding_68_and_16_bytes_does_not_end_or_restart_a_frame() -> None:
-    assert dlt645.address_field("681668166816") == bytes.fromhex("16 68 16 68 16 68")
-    assert dlt645.address_text(bytes.fromhex("16 68 16 68 16 68")) == "681668166816"
+    assert codec.address_field("681668166816") == bytes.fromhex("16 68 16 68 16 68")
+    assert codec.address_text(bytes.fromhex("16 68 16 68 16 68")) == "681668166816"
     # two frames back to back: a reader that hunted for 16H would cut the first one at its second byte
     first, second = frames_in(VOLTAGE_68_REPLY + ENERGY_REPLY)
     assert first.address == "681668166816" and first.raw == VOLTAGE_68_REPLY
-    assert dlt645.decode_value(first.data[4:], dlt645.KNOWN_DIS[0x02010100]) == 220.5
+    assert codec.decode_value(first.data[4:], codec.KNOWN_DIS[0x02010100]) == 220.5
     assert second.raw == ENERGY_REPLY
     # a frame that is still arriving waits for the length it announced, even with 16H already in hand
     scan = split_frame(VOLTAGE_68_REPLY[:12])
@@ -139,19 +133,19 @@ def test_an_address_holding_68_and_16_bytes_does_not_end_or_restart_a_frame() ->
 def test_the_sign_bit_and_the_33h_shift_wrap_around_256() -> None:
     (frame,) = frames_in(POWER_REPLY)
     assert frame.data[4:] == bytes.fromhex("34 12 D5")
-    assert dlt645.decode_value(frame.data[4:], dlt645.KNOWN_DIS[0x02030000]) == -55.1234
-    current = dlt645.KNOWN_DIS[0x02020100]
-    assert dlt645.decode_value(bytes.fromhex("34 12 80"), current) == -1.234
-    assert dlt645.decode_value(bytes.fromhex("34 12 00"), current) == 1.234
-    assert dlt645.decode_value(bytes.fromhex("00 85"), dlt645.KNOWN_DIS[0x02060000]) == -0.5
+    assert codec.decode_value(frame.data[4:], codec.KNOWN_DIS[0x02030000]) == -55.1234
+    current = codec.KNOWN_DIS[0x02020100]
+    assert codec.decode_value(bytes.fromhex("34 12 80"), current) == -1.234
+    assert codec.decode_value(bytes.fromhex("34 12 00"), current) == 1.234
+    assert codec.decode_value(bytes.fromhex("00 85"), codec.KNOWN_DIS[0x02060000]) == -0.5
     # unsigned formats have no sign bit: 8 in the top digit is a digit
-    assert dlt645.decode_value(bytes.fromhex("00 00 00 80"), dlt645.KNOWN_DIS[0x00010000]) == 800000.0
+    assert codec.decode_value(bytes.fromhex("00 00 00 80"), codec.KNOWN_DIS[0x00010000]) == 800000.0
     assert sim_codec.bcd(-1.234, 3, 3, True) == bytes.fromhex("34 12 80")
     assert sim_codec.bcd(-0.5, 2, 3, True) == bytes.fromhex("00 85")
     with pytest.raises(ValueError, match="not BCD"):
-        dlt645.decode_value(bytes.fromhex("3A 12 00 00"), dlt645.KNOWN_DIS[0x00010000])
+        codec.decode_value(bytes.fromhex("3A 12 00 00"), codec.KNOWN_DIS[0x00010000])
     with pytest.raises(ValueError, match="3 data bytes"):
-        dlt645.decode_value(bytes.fromhex("34 12 00"), dlt645.KNOWN_DIS[0x00010000])
+        codec.decode_value(bytes.fromhex("34 12 00"), codec.KNOWN_DIS[0x00010000])
 
 
 @pytest.mark.timeout(10)
@@ -189,7 +183,7 @@ def test_an_error_reply_names_its_error_bits() -> None:
 @pytest.mark.timeout(10)
 def test_a_read_address_reply_carries_the_address_as_data() -> None:
     (frame,) = frames_in(b"\xfe\xfe\xfe\xfe" + ADDRESS_REPLY)
-    assert frame.control == 0x93 and dlt645.address_text(frame.data) == "123456789012"
+    assert frame.control == 0x93 and codec.address_text(frame.data) == "123456789012"
     assert sim_codec.frame(sim_codec.wire_address("123456789012"), 0x93,
                            sim_codec.wire_address("123456789012")) == ADDRESS_REPLY
 
@@ -479,7 +473,7 @@ def test_read_address_finds_the_only_meter_and_two_meters_garble_each_other(tmp_
         async with simulated(config, folder) as (_, _, channel):
             bus = Dlt645Bus(channel.port, baudrate=channel.baudrate)
             try:
-                return dlt645.address_text((await bus.read_address(1.0)).payload)
+                return codec.address_text((await bus.read_address(1.0)).payload)
             except (FrameError, NoReply) as exc:
                 return exc
             finally:

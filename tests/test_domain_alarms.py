@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from agent.config.models import AgentConfig, parse_config
+from agent.config.loader import parse_config
+from agent.config.models import AgentConfig
 from agent.config.points import PointTable
 from agent.core import BAD, GOOD, AlarmEvent, ReadingBatch
 from agent.errors import ResetRefused

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from pydantic import BaseModel
 
-from agent.config.models import load_config
+from agent.config.loader import load_config
 from agent.drivers import registry
 
 DRIVERS = ROOT / "agent" / "drivers"

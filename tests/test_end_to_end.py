@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.config.models import load_config
+from agent.config.loader import load_config
 from agent.store import Store
 from simulators.platform import PlatformSimulator
 
@@ -103,8 +103,7 @@ def test_platform_receives_every_reading_with_its_value_and_quality(running: Any
     agent.start()
     assert platform.wait_for(lambda p: all(len(v) >= 8 for v in per_point(p).values())
                              and len(per_point(p)) == len(VALUES), 30), agent.log()[-3000:]
-    assert agent.stop() == 0
-    time.sleep(0.5)
+    assert agent.stop_seen_by(platform) == 0
     latest = {point: readings[-1] for point, readings in per_point(platform).items()}
     for point, expected in VALUES.items():
         got = latest[point]
@@ -142,7 +141,7 @@ def test_broker_outage_of_20s_loses_nothing_and_replays_as_hist(running: Any, br
     assert platform.wait_for(lambda p: len(p.readings()) >= 60, 30), agent.log()[-3000:]
     outage_start = int(time.time() * 1000)
     broker.stop()
-    time.sleep(20)
+    time.sleep(20)  # the scenario: the broker stays down for 20 s
     outage_end = int(time.time() * 1000)
     broker.start()
     assert platform.wait_for(lambda p: p.connected, 20)
@@ -151,8 +150,7 @@ def test_broker_outage_of_20s_loses_nothing_and_replays_as_hist(running: Any, br
         return any(r.ts > outage_end + 2000 and not r.hist for r in p.readings()) and not p.report().has_gaps
 
     assert platform.wait_for(caught_up, 40), agent.log()[-3000:]
-    assert agent.stop() == 0
-    time.sleep(0.5)
+    assert agent.stop_seen_by(platform) == 0
     assert_nothing_lost(platform, store)
     assert_no_missing_poll(platform, list(VALUES))
     window = [r for r in platform.readings() if outage_start + 1500 < r.ts < outage_end - 1500]
@@ -169,8 +167,7 @@ def test_kill_9_and_restart_leaves_no_gap_in_seq(running: Any) -> None:
     killed_at = seq_max(platform)
     agent.start()
     assert platform.wait_for(lambda p: seq_max(p) >= killed_at + 6, 30), agent.log()[-3000:]
-    assert agent.stop() == 0
-    time.sleep(0.5)
+    assert agent.stop_seen_by(platform) == 0
     assert_nothing_lost(platform, store)
     assert "Traceback" not in agent.log()
 
@@ -198,8 +195,7 @@ def test_device_that_stops_answering_gives_bad_readings_and_comm_loss_until_it_r
 
     assert platform.wait_for(cleared, 30), agent.log()[-3000:]
     assert platform.wait_for(lambda p: per_point(p)["GT-201"][-1].quality == "good", 10)
-    assert agent.stop() == 0
-    time.sleep(0.5)
+    assert agent.stop_seen_by(platform) == 0
     assert_nothing_lost(platform, store)
     assert "channel gas-controller device gds1: not answering" in agent.log()
 

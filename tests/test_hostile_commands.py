@@ -12,7 +12,7 @@ import pytest
 from conftest import now_ms, processed_past, wait_until
 from test_scenarios import AGENT, ENTERPRISE, GAS, command, modbus_channel, site, start_all
 
-from agent.config.models import validate_config_data
+from agent.config.loader import validate_config_data
 from simulators.platform import PlatformSimulator
 
 TOPIC = f"sc/{ENTERPRISE}/{AGENT}/cmd"

@@ -4,10 +4,13 @@ most, drops the oldest excess and counts it. A real flooding process on a loopba
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import pty
+import struct
 import subprocess
 import sys
+import termios
 import time
 from typing import Any
 
@@ -102,6 +105,11 @@ def test_a_flooding_peer_does_not_stop_the_driver_or_the_loop(tmp_path: Any) -> 
     assert growth < 20, f"RSS grew {growth:.0f} MB"
 
 
+def unread(fd: int) -> int:
+    """Bytes waiting in a terminal's input queue (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+
+
 def wait_port_listening(port: int) -> None:
     """Wait for the flooder's socket without connecting to it (it accepts one connection only)."""
     deadline = time.monotonic() + 10
@@ -122,10 +130,19 @@ def test_a_serial_line_full_of_noise_keeps_a_bounded_buffer() -> None:
         await link.open()
         junk = bytes(range(256)) * 16
         try:
-            for _ in range(400):  # 1.6 MB written; the agent reads nothing meanwhile
-                os.write(master, junk)
+            os.set_blocking(master, False)  # a full pty must not block the loop the link reads on
+            written = 0
+            while written < 1_600_000:  # the agent reads nothing meanwhile; its reader callback takes it all in
+                try:
+                    written += os.write(master, junk)
+                except BlockingIOError:
+                    pass
                 await asyncio.sleep(0)
-            await asyncio.sleep(0.2)
+            for _ in range(500):  # until the link has taken in all the noise the pty holds, at most 5 s
+                if unread(slave) == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert unread(slave) == 0, f"the link left {unread(slave)} bytes of noise in the pty"
             return len(link.peek()), link.overflowed
         finally:
             await link.close()

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent.config.models import AgentConfig, ConfigError, validate_config_data
+from agent.config.loader import validate_config_data
+from agent.config.models import AgentConfig
 from agent.config.points import PointTable
 from agent.core import BAD, GOOD, ReadingBatch
 from agent.drivers.modbus.codec import ModbusError, parse_read_reply, read_request
@@ -28,6 +29,7 @@ from agent.drivers.modbus.rtu import (
     crc16,
     frame,
 )
+from agent.errors import ConfigError
 from agent.pipeline.decode import decode
 from agent.pipeline.ingest import Pipeline
 from agent.pipeline.poller import Poller

@@ -18,7 +18,8 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
 
-from agent.config.models import AgentConfig, load_config, parse_config, validate_config_data
+from agent.config.loader import load_config, parse_config, validate_config_data
+from agent.config.models import AgentConfig
 from agent.drivers.modbus.codec import ModbusPoint
 from agent.drivers.modbus.tcp import ModbusTcpChannel, ModbusTcpDriver
 from simulators.modbus import PlantSimulator, normal_band, synthetic_config

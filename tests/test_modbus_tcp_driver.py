@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.config.models import AgentConfig, validate_config_data
+from agent.config.loader import validate_config_data
+from agent.config.models import AgentConfig
 from agent.config.points import PointTable
 from agent.drivers.modbus.codec import plan_blocks
 from agent.drivers.modbus.tcp import ModbusTcpDriver

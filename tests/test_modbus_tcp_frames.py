@@ -20,8 +20,9 @@ class Closing(bytes):
 Reply = Callable[[int, int, bytes], Awaitable[bytes | None]]
 
 
-async def serve(reply: Reply) -> tuple[asyncio.Server, int]:
-    """A TCP server that reads MBAP requests and writes whatever `reply(tid, unit, pdu)` returns."""
+async def serve(reply: Reply, sent: asyncio.Queue[int] | None = None) -> tuple[asyncio.Server, int]:
+    """A TCP server that reads MBAP requests and writes whatever `reply(tid, unit, pdu)` returns; the tid of
+    each reply written goes to `sent` when given."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -32,6 +33,8 @@ async def serve(reply: Reply) -> tuple[asyncio.Server, int]:
                 out = await reply(tid, unit, pdu)
                 if out is not None:
                     writer.write(out)
+                    if sent is not None:
+                        sent.put_nowait(tid)
                     await writer.drain()
                 if isinstance(out, Closing):
                     break
@@ -114,21 +117,25 @@ def test_bad_reply_is_an_error_and_the_next_poll_recovers(
 def test_late_reply_to_an_abandoned_request_is_not_taken_for_the_next_answer() -> None:
     async def main() -> tuple[list[str], list[object]]:
         calls = 0
+        gave_up = asyncio.Event()
+        sent: asyncio.Queue[int] = asyncio.Queue()
 
         async def reply(tid: int, unit: int, pdu: bytes) -> bytes | None:
             nonlocal calls
             calls += 1
             if calls == 1:
-                await asyncio.sleep(0.5)  # after the client gave up
+                async with asyncio.timeout(5):
+                    await gave_up.wait()  # the answer comes only once the client has given up on it
                 return mbap(tid, unit, bytes([3, 4, 0xDE, 0xAD, 0xBE, 0xEF]))
             return good_reply(tid, unit, pdu)
 
-        server, port = await serve(reply)
+        server, port = await serve(reply, sent)
         ch = channel(port)
         driver = ModbusTcpDriver(ch)
         try:
             first = await driver.read(ch.devices[0])
-            await asyncio.sleep(0.4)
+            gave_up.set()
+            await asyncio.wait_for(sent.get(), 5)  # the late reply is written before the next request goes
             second = await driver.read(ch.devices[0])
         finally:
             await driver.close()

@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
-from agent.config.models import AgentConfig, ConfigError, validate_config_data
+from agent.config.loader import validate_config_data
+from agent.config.models import AgentConfig
 from agent.config.points import PointTable
 from agent.core import DeviceRead
 from agent.drivers.opcua import driver as opcua
 from agent.drivers.opcua.driver import OpcUaChannel, OpcUaDevice, OpcUaDriver, OpcUaError
+from agent.errors import ConfigError
 from agent.pipeline.decode import BAD, GOOD, UNCERTAIN, decode
 from simulators.opcua import OpcUaSimulator, client_certificate
 

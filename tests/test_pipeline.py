@@ -7,7 +7,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from agent.config.models import AgentConfig, parse_config
+from agent.config.loader import parse_config
+from agent.config.models import AgentConfig
 from agent.core import GOOD, KIND_ALARM, KIND_DATA, ReadingBatch
 from agent.messages import read_body, read_readings
 from agent.pipeline.ingest import Pipeline

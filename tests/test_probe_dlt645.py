@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from agent.config.models import AgentConfig, validate_config_data
+from agent.config.loader import validate_config_data
+from agent.config.models import AgentConfig
 from simulators.dlt645 import Dlt645BusSimulator
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from agent.cli.main import main
-from agent.config.models import AgentConfig, validate_config_data
+from agent.config.loader import validate_config_data
+from agent.config.models import AgentConfig
 from simulators.modbus_rtu import RtuBusSimulator
 
 

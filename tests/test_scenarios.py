@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import now_ms, processed_past
 
-from agent.config.models import validate_config_data
+from agent.config.loader import validate_config_data
 from simulators.platform import PlatformSimulator
 
 ENTERPRISE, AGENT = "150625000123", "ipc-07"
@@ -189,6 +189,8 @@ def test_production_during_an_ordered_shutdown_raises_halt_violation(
     assert command(platform, "s1", cmd="status")["result"]["production_state"] == "normal", "a refusal changes nothing"
     assert command(platform, "s2", cmd="set_production_state", state="halted")["ok"]
     sims.loop.run(sim.run_scenario("production_during_shutdown", speed=3))
+    # released, the meter would go back to its production load, a new violation while halted: it keeps idling
+    sims.loop.call(sim.set_value, "PW-M1", sim.idle_kw)
     ended = now_ms()
     assert platform.wait_for(lambda p: len(events(p, "PW-M1")) >= 2, 15), agent.log()[-2000:]
     due = ended + power["meters"][0]["delay"] * 1000  # a second violation would be due by then

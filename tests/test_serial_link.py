@@ -35,8 +35,11 @@ def test_bytes_cross_both_ways_and_reads_wait_for_their_count() -> None:
             with pytest.raises(TimeoutError):
                 await link.read(1, loop.time() + 0.1)
             os.write(master, b"stale")
-            await asyncio.sleep(0.05)
-            assert link.discard_input() == b"stale"
+            for _ in range(200):  # until the stale bytes have reached the link, at most 2 s
+                if link.peek() == b"stale":
+                    break
+                await asyncio.sleep(0.01)
+            assert link.discard_input() == b"stale", "the stale bytes never reached the link"
             loop.call_later(0.02, os.write, master, b"ab")
             loop.call_later(0.04, os.write, master, b"cd")
             assert await link.read_quiet(0.1, loop.time() + 2) == b"abcd"

@@ -4,15 +4,15 @@ will. The platform simulator listens on a plain listener of the same broker.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mosquitto, free_port
+from conftest import Mosquitto, free_port, wait_until
 
-from agent.config.models import validate_config_data
+from agent.config.loader import validate_config_data
 from agent.store import Store
 from simulators.platform import PlatformSimulator
 
@@ -43,9 +43,17 @@ def delivered(platform: PlatformSimulator, count: int = 10, timeout: float = 30)
     return platform.wait_for(lambda p: len(p.readings()) >= count, timeout)
 
 
+def stored_readings(store: Path) -> int:
+    """Readings waiting in the store, read beside the running agent; 0 while the agent has not set it up yet."""
+    try:
+        with Store(store, readonly=True) as s:
+            return s.backlog().readings
+    except sqlite3.Error:
+        return 0
+
+
 def check_clean_run(platform: PlatformSimulator, agent: Any, store: Path) -> None:
-    assert agent.stop() == 0
-    time.sleep(0.5)
+    assert agent.stop_seen_by(platform) == 0
     report = platform.report().agent("ipc-9")
     assert report.gaps == [] and report.seq_min == 1
     assert platform.schema_errors() == []
@@ -118,7 +126,8 @@ def test_wrong_password_is_refused_and_kept_then_the_right_one_delivers_all(
         store = tmp_path / "s.db"
         config = agent_config(sim.ports["c1"], store, port=secured, username="ipc-9", password="wrong")
         agent = agent_process(config).start()
-        time.sleep(3)
+        wait_until(lambda: "broker refused the connection: Not authorized" in agent.log()
+                   and stored_readings(store) > 0, 20, "the broker's refusal in the agent's log, readings in its store")
         assert agent.stop() == 0
         assert "broker refused the connection: Not authorized" in agent.log()
         assert platform.readings() == []

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from agent import __version__
-from agent.config.models import config_schema, load_config
+from agent.config.loader import config_schema, load_config
 from agent.errors import ConfigError
 
 EXIT_BAD_INPUT = 2

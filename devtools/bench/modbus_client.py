@@ -50,7 +50,8 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
-from agent.config.models import AgentConfig, validate_config_data
+from agent.config.loader import validate_config_data
+from agent.config.models import AgentConfig
 from agent.drivers.modbus.codec import Block, BlockReader, ModbusDevice, ModbusError, plan_blocks
 from agent.drivers.modbus.rtu import ModbusRtuChannel, ModbusRtuDriver, ModbusRtuTcpChannel, ModbusRtuTcpDriver
 from agent.drivers.modbus.tcp import ModbusTcpChannel, ModbusTcpDriver

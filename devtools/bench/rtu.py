@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agent.config.models import AgentConfig, validate_config_data
+from agent.config.loader import validate_config_data
+from agent.config.models import AgentConfig
 from agent.drivers.modbus.codec import plan_blocks
 from agent.drivers.modbus.rtu import ModbusRtuChannel, ModbusRtuDriver
 from simulators.modbus_rtu import RtuBusSimulator

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,21 +17,28 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from amqtt.plugins.base import BaseAuthPlugin  # type: ignore[import-untyped]
 from rich.console import Console
 from rich.table import Table
 
 from agent.config.base import parse_duration
-from agent.config.models import AgentConfig, ConfigError, load_config
+from agent.config.loader import load_config
+from agent.config.models import AgentConfig
+from agent.errors import ConfigError
 from agent.store import Store
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "demo.yaml"
 # the longest scenario (crowding in a zone) at speed 1, in seconds
 LONGEST_SCENARIO = 125.0
+# where Debian and Ubuntu install mosquitto, outside an ordinary user's PATH
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto",)
 
 
 class DemoError(Exception):
@@ -43,7 +51,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _wait_port(host: str, port: int, timeout: float) -> None:
+async def _wait_port(host: str, port: int, timeout: float, process: asyncio.subprocess.Process | None = None,
+                     log: Path | None = None) -> None:
+    """Return once something accepts connections on host:port; fail early if `process`, meant to listen, ends."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -51,9 +61,82 @@ async def _wait_port(host: str, port: int, timeout: float) -> None:
             writer.close()
             return
         except OSError:
+            if process is not None and process.returncode is not None:
+                raise DemoError(f"the broker exited with code {process.returncode}; see {log}") from None
             if time.monotonic() > deadline:
                 raise DemoError(f"nothing listens on {host}:{port} after {timeout:g}s") from None
             await asyncio.sleep(0.1)
+
+
+def find_mosquitto() -> str | None:
+    """The mosquitto program, or None when it is not installed."""
+    return shutil.which("mosquitto") or next((p for p in MOSQUITTO_PATHS if Path(p).exists()), None)
+
+
+@dataclass(frozen=True)
+class _Broker:
+    """The broker the demo uses: where it listens, and what the screen and the summary call it."""
+
+    host: str
+    port: int
+    name: str  # mosquitto, amqtt, or the HOST:PORT given with --broker
+    shown: str
+
+
+class _AcceptEveryClient(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt authentication for the demo: every client is let in, and none is marked anonymous.
+
+    amqtt's own AnonymousAuthPlugin marks every session anonymous, and amqtt queues nothing for an offline anonymous
+    session, so the platform simulator's persistent session would miss what the agent sends while it reconnects.
+    """
+
+    async def authenticate(self, *, session: Any) -> bool:
+        return True
+
+
+def _amqtt_config(port: int) -> dict[str, Any]:
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {f"{_AcceptEveryClient.__module__}.{_AcceptEveryClient.__qualname__}": {}},
+    }
+
+
+@contextlib.asynccontextmanager
+async def _running_broker(broker_arg: str | None, site: AgentConfig, workdir: Path) -> AsyncIterator[_Broker]:
+    """The user's broker (--broker HOST:PORT), else mosquitto when installed, else amqtt (--broker embedded)."""
+    if broker_arg and broker_arg != "embedded":
+        host, _, port_text = broker_arg.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise DemoError(f"--broker must be HOST:PORT, got {broker_arg!r}")
+        await _wait_port(host, int(port_text), 10)
+        yield _Broker(host, int(port_text), broker_arg, f"broker {broker_arg}")
+        return
+    port = _free_port()
+    mosquitto = None if broker_arg == "embedded" else find_mosquitto()
+    if mosquitto:
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        cmd = [mosquitto, "-c", str(conf)]
+        broker = _Broker("127.0.0.1", port, "mosquitto", "mosquitto")
+    else:
+        if site.uplink.protocol != "3.1.1":
+            raise DemoError(f"the built-in broker (amqtt) speaks MQTT 3.1.1 only, and this site's uplink uses MQTT "
+                            f"{site.uplink.protocol}: install mosquitto, or give --broker HOST:PORT")
+        conf = workdir / "amqtt.yaml"
+        conf.write_text(yaml.safe_dump(_amqtt_config(port)), encoding="utf-8")
+        cmd = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
+        why = "" if broker_arg else "; mosquitto is not installed"
+        broker = _Broker("127.0.0.1", port, "amqtt", f"amqtt (built in{why})")
+    log = workdir / "broker.log"
+    with open(log, "wb") as out:
+        process = await asyncio.create_subprocess_exec(*cmd, stdout=out, stderr=out)
+    try:
+        await _wait_port(broker.host, broker.port, 20, process, log)
+        yield broker
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
 
 
 class _Screen:
@@ -183,12 +266,30 @@ class _PlatformDesk:
                 self.send({"cmd": "reset", "alarm": alarm_id})
 
 
-def run_demo(*, duration: float | None, broker: str | None, config_path: Path | None) -> bool:
-    """Run the demo; True when the platform received every message the agent stored."""
-    return asyncio.run(_demo(duration, broker, config_path or DEFAULT_CONFIG))
+def run_demo(*, duration: float | None, broker: str | None, config_path: Path | None,
+             summary_json: Path | None = None) -> bool:
+    """Run the demo; True when the platform received every message the agent stored.
+
+    With `summary_json`, the summary is also written there as one JSON object (see `_summary`).
+    """
+    if summary_json is not None and not summary_json.parent.is_dir():
+        raise DemoError(f"--summary-json: there is no folder {summary_json.parent}")
+    return asyncio.run(_demo(duration, broker, config_path or DEFAULT_CONFIG, summary_json))
 
 
-async def _demo(duration: float | None, broker_arg: str | None, config_path: Path) -> bool:
+async def _stop_agent(agent: asyncio.subprocess.Process) -> None:
+    """Stop the agent as systemd does (SIGTERM), then give its last acknowledged messages time to arrive."""
+    if agent.returncode is None:
+        agent.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(agent.wait(), 30)
+    except TimeoutError:
+        agent.kill()
+        await agent.wait()
+    await asyncio.sleep(1.0)
+
+
+async def _demo(duration: float | None, broker_arg: str | None, config_path: Path, summary_json: Path | None) -> bool:
     from simulators.platform import PlatformSimulator, PlatformSimulatorError
 
     console = Console(highlight=False)
@@ -197,83 +298,69 @@ async def _demo(duration: float | None, broker_arg: str | None, config_path: Pat
     except ConfigError as exc:
         raise DemoError(f"{exc.source}: " + "; ".join(exc.errors)) from None
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
-    children: list[asyncio.subprocess.Process] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    # 1. the broker
-    if broker_arg and broker_arg != "embedded":
-        host, _, port_text = broker_arg.rpartition(":")
-        if not host or not port_text.isdigit():
-            raise DemoError(f"--broker must be HOST:PORT, got {broker_arg!r}")
-        broker_host, broker_port, broker_name = host, int(port_text), f"broker {broker_arg}"
-    else:
-        broker_host, broker_port = "127.0.0.1", _free_port()
-        mosquitto = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None)
-        log = open(workdir / "broker.log", "wb")  # noqa: SIM115
-        if mosquitto and broker_arg != "embedded":
-            conf = workdir / "mosquitto.conf"
-            conf.write_text(f"listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-            cmd = [mosquitto, "-c", str(conf)]
-            broker_name = "mosquitto"
-        else:
-            cmd = [sys.executable, "-m", "simulators.broker", "--host", "127.0.0.1", "--port", str(broker_port)]
-            broker_name = "the embedded broker" + ("" if broker_arg else " (mosquitto is not installed)")
-        children.append(await asyncio.create_subprocess_exec(*cmd, stdout=log, stderr=log))
-    await _wait_port(broker_host, broker_port, 10)
-    console.print(f"[bold]broker[/]: {broker_name} on {broker_host}:{broker_port}")
+    # everything started is stopped in reverse order, whatever happens: agent, platform, plant, broker
+    async with contextlib.AsyncExitStack() as started:
+        # 1. the broker
+        broker = await started.enter_async_context(_running_broker(broker_arg, site, workdir))
+        console.print(f"[bold]broker[/]: {broker.shown} on {broker.host}:{broker.port}")
 
-    # 2. the plant: one simulator per protocol the site uses
-    speed = 1.0 if duration is None else max(1.0, LONGEST_SCENARIO / (0.6 * duration))
-    plant = _Plant(site, workdir, speed)
-    await plant.start()
-    for channel_id, where in plant.overrides.items():
-        shown = where.get("endpoint") or (f"{where['host']}:{where['port']}" if "host" in where else where["port"])
-        console.print(f"[bold]plant[/]: channel {channel_id} ({plant.drivers[channel_id]}) at {shown}")
+        # 2. the plant: one simulator per protocol the site uses
+        speed = 1.0 if duration is None else max(1.0, LONGEST_SCENARIO / (0.6 * duration))
+        plant = _Plant(site, workdir, speed)
+        await plant.start()
+        started.push_async_callback(plant.stop)
+        for channel_id, where in plant.overrides.items():
+            shown = where.get("endpoint") or (f"{where['host']}:{where['port']}" if "host" in where else where["port"])
+            console.print(f"[bold]plant[/]: channel {channel_id} ({plant.drivers[channel_id]}) at {shown}")
 
-    # 3. the agent, as the daemon runs it; the demo compresses time on both sides alike
-    data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    data["uplink"] = {**data.get("uplink", {}), "host": broker_host, "port": broker_port, "health_interval": 10,
-                      "tls": None, "username": None, "password": None}
-    data["store"] = {"path": str(workdir / "store.db"), "shutdown_drain": 5}
-    data["control"] = {"socket": str(workdir / "control.sock")}
-    for channel in data["channels"]:
-        channel.update(plant.overrides.get(channel["id"], {}))
-    for zone in data.get("zones", []):
-        zone["duration"] = site_duration(zone.get("duration", 60.0)) / speed
-    for meter in data.get("power", {}).get("meters", []):
-        meter["delay"] = site_duration(meter.get("delay", 900.0)) / speed
-    agent_config = workdir / "agent.yaml"
-    agent_config.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    prefix = data["uplink"].get("prefix", "edge")
+        # 3. the agent, as the daemon runs it; the demo compresses time on both sides alike
+        data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        data["uplink"] = {**data.get("uplink", {}), "host": broker.host, "port": broker.port, "health_interval": 10,
+                          "tls": None, "username": None, "password": None}
+        data["store"] = {"path": str(workdir / "store.db"), "shutdown_drain": 5}
+        data["control"] = {"socket": str(workdir / "control.sock")}
+        for channel in data["channels"]:
+            channel.update(plant.overrides.get(channel["id"], {}))
+        for zone in data.get("zones", []):
+            zone["duration"] = site_duration(zone.get("duration", 60.0)) / speed
+        for meter in data.get("power", {}).get("meters", []):
+            meter["delay"] = site_duration(meter.get("delay", 900.0)) / speed
+        agent_config = workdir / "agent.yaml"
+        agent_config.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        prefix = data["uplink"].get("prefix", "edge")
 
-    units = {p.id: p.unit for _, _, p in site.points()}
-    screen = _Screen(console, units)
-    platform = PlatformSimulator(broker_host, broker_port, prefix, on_message=screen.on_message)
-    try:
-        await asyncio.to_thread(platform.start)
-    except PlatformSimulatorError as exc:
-        raise DemoError(f"platform simulator: {exc}") from None
-    agent_log = open(workdir / "agent.log", "wb")  # noqa: SIM115
-    agent = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "run", "--config", str(agent_config),
-        stdout=agent_log, stderr=agent_log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    console.print(f"[bold]agent[/]: pid {agent.pid}, log {workdir / 'agent.log'}")
-    scenarios = plant.start_scenarios()
-    console.print(f"[bold]scenarios[/]: {', '.join(plant.scenario_names)} (speed ×{speed:.1f}); "
-                  + (f"stopping after {duration:g}s" if duration else "Ctrl-C to stop"))
-    commands = _PlatformDesk(platform, site.agent.enterprise, site.agent.id, console)
-    # the agent listens for commands once it is online
-    online = await asyncio.to_thread(platform.wait_for, lambda p: any(s.get("online") for s in p.statuses()), 30)
-    if online and site.power.meters:
-        commands.send({"cmd": "set_production_state", "state": "halted"})  # an ordered shutdown, to be watched
+        units = {p.id: p.unit for _, _, p in site.points()}
+        screen = _Screen(console, units)
+        platform = PlatformSimulator(broker.host, broker.port, prefix, on_message=screen.on_message)
+        try:
+            await asyncio.to_thread(platform.start)
+        except PlatformSimulatorError as exc:
+            raise DemoError(f"platform simulator: {exc}") from None
+        started.push_async_callback(asyncio.to_thread, platform.stop)
+        with open(workdir / "agent.log", "wb") as agent_log:
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent", "run", "--config", str(agent_config),
+                stdout=agent_log, stderr=agent_log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        started.push_async_callback(_stop_agent, agent)
+        console.print(f"[bold]agent[/]: pid {agent.pid}, log {workdir / 'agent.log'}")
+        scenarios = plant.start_scenarios()
+        for task in scenarios:
+            started.callback(task.cancel)
+        console.print(f"[bold]scenarios[/]: {', '.join(plant.scenario_names)} (speed ×{speed:.1f}); "
+                      + (f"stopping after {duration:g}s" if duration else "Ctrl-C to stop"))
+        commands = _PlatformDesk(platform, site.agent.enterprise, site.agent.id, console)
+        # the agent listens for commands once it is online
+        online = await asyncio.to_thread(platform.wait_for, lambda p: any(s.get("online") for s in p.statuses()), 30)
+        if online and site.power.meters:
+            commands.send({"cmd": "set_production_state", "state": "halted"})  # an ordered shutdown, to be watched
 
-    started = time.monotonic()
-    try:
+        began = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 10.0 if duration is None or duration > 30 else 5.0)
@@ -282,37 +369,39 @@ async def _demo(duration: float | None, broker_arg: str | None, config_path: Pat
                 break
             console.print(screen.table())
             commands.reset_latched()
-            if duration is not None and time.monotonic() - started >= duration:
+            if duration is not None and time.monotonic() - began >= duration:
                 break
-    finally:
-        for task in scenarios:
-            task.cancel()
-        if agent.returncode is None:
-            agent.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(agent.wait(), 30)
-        except TimeoutError:
-            agent.kill()
-            await agent.wait()
-        await asyncio.sleep(1.0)  # the last acknowledged messages reach the platform
-        await asyncio.to_thread(platform.stop)
-        await plant.stop()
-        for child in children:
-            if child.returncode is None:
-                child.terminate()
-                await child.wait()
-    return _summary(console, platform, workdir, agent.returncode, site)
+    return _summary(console, platform, workdir, agent.returncode, site, broker, summary_json)
 
 
-def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | None, site: AgentConfig) -> bool:
+# the summary's counts: JSON key, and the words of the table on screen
+_COUNTS = (
+    ("stored", "messages stored by the agent (seq)"),
+    ("readings", "readings received by the platform"),
+    ("alarms_raised", "alarms raised"),
+    ("alarms_cleared", "alarms cleared"),
+    ("alarms_reset", "alarms reset by the platform"),
+    ("commands_answered", "commands answered"),
+    ("replayed", "messages replayed (hist)"),
+    ("duplicates", "duplicates (dropped by seq)"),
+    ("still_in_store", "still in the agent's store"),
+    ("lost", "seq gaps (lost)"),
+    ("schema_errors", "schema errors"),
+)
+LOST_SEQ_LISTED = 100
+
+
+def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | None, site: AgentConfig,
+             broker: _Broker, summary_json: Path | None) -> bool:
+    """Print what arrived and whether anything was lost; with `summary_json`, write the same as one JSON object:
+    {"ok", "broker", "agent_exit_code", "files", "counts": {key: n for each of _COUNTS},
+    "valid_readings": {driver: n}, "lost_seq": [the first LOST_SEQ_LISTED], "problems": [sentences]}.
+    """
     report = platform.report()
     with Store(workdir / "store.db") as store:
         last_seq = store.last_seq()
         stored = {row.seq for row in store.fetch(0, limit=10_000_000)}
     received: set[int] = set()
-    table = Table(title="demo summary")
-    table.add_column("what")
-    table.add_column("count", justify="right")
     readings = raised = cleared = duplicates = hist = 0
     for agent in report.agents.values():
         readings += agent.readings
@@ -323,44 +412,58 @@ def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | Non
         if agent.seq_min is not None:
             received |= set(range(agent.seq_min, agent.seq_max + 1)) - set(agent.gaps)
     lost = sorted(set(range(1, last_seq + 1)) - received - stored)
-    rows = [
-        ("messages stored by the agent (seq)", last_seq),
-        ("readings received by the platform", readings),
-        ("alarms raised", raised),
-        ("alarms cleared", cleared),
-        ("alarms reset by the platform", sum(1 for a in platform.alarms() if a["state"] == "reset")),
-        ("commands answered", len(platform.command_results())),
-        ("messages replayed (hist)", hist),
-        ("duplicates (dropped by seq)", duplicates),
-        ("still in the agent's store", len(stored)),
-        ("seq gaps (lost)", len(lost)),
-        ("schema errors", len(platform.schema_errors())),
-    ]
+    schema_errors = platform.schema_errors()
+    counts = {
+        "stored": last_seq,
+        "readings": readings,
+        "alarms_raised": raised,
+        "alarms_cleared": cleared,
+        "alarms_reset": sum(1 for a in platform.alarms() if a["state"] == "reset"),
+        "commands_answered": len(platform.command_results()),
+        "replayed": hist,
+        "duplicates": duplicates,
+        "still_in_store": len(stored),
+        "lost": len(lost),
+        "schema_errors": len(schema_errors),
+    }
     driver_of = {p.id: ch.driver for ch, _, p in site.points()}
-    by_protocol = dict.fromkeys(sorted({ch.driver for ch in site.channels}), 0)
+    valid_readings = dict.fromkeys(sorted({ch.driver for ch in site.channels}), 0)
     for reading in platform.readings():
         driver = driver_of.get(reading.point)
         if driver is not None and reading.quality != "bad":
-            by_protocol[driver] += 1
-    rows += [(f"valid readings via {driver}", count) for driver, count in by_protocol.items()]
-    for what, count in rows:
-        table.add_row(what, str(count))
+            valid_readings[driver] += 1
+
+    problems = []
+    if lost:
+        problems.append(f"missing seq {lost[:10]}")
+    if agent_rc != 0:
+        problems.append(f"agent exit code {agent_rc}")
+    if last_seq == 0:
+        problems.append("the agent stored nothing")
+    silent = [driver for driver, count in valid_readings.items() if count == 0]
+    if silent:
+        problems.append(f"no valid reading via {', '.join(silent)}")
+    if schema_errors:
+        problems.append(f"schema errors, e.g. {schema_errors[0]}")
+
+    table = Table(title="demo summary")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key, words in _COUNTS:
+        table.add_row(words, str(counts[key]))
+    for driver, count in valid_readings.items():
+        table.add_row(f"valid readings via {driver}", str(count))
     console.print(table)
-    silent = [driver for driver, count in by_protocol.items() if count == 0]
-    ok = not lost and agent_rc == 0 and last_seq > 0 and not platform.schema_errors() and not silent
-    if ok:
-        console.print(f"[bold green]nothing lost[/] (files in {workdir})")
-    else:
-        why = []
-        if lost:
-            why.append(f"missing seq {lost[:10]}")
-        if agent_rc != 0:
-            why.append(f"agent exit code {agent_rc}")
-        if last_seq == 0:
-            why.append("the agent stored nothing")
-        if silent:
-            why.append(f"no valid reading via {', '.join(silent)}")
-        if platform.schema_errors():
-            why.append(f"schema errors, e.g. {platform.schema_errors()[0]}")
-        console.print(f"[bold red]FAILED[/]: {'; '.join(why)} (files in {workdir})")
-    return ok
+    if summary_json is not None:
+        summary = {"ok": not problems, "broker": broker.name, "agent_exit_code": agent_rc, "files": str(workdir),
+                   "counts": counts, "valid_readings": valid_readings, "lost_seq": lost[:LOST_SEQ_LISTED],
+                   "problems": problems}
+        try:
+            summary_json.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise DemoError(f"--summary-json: cannot write {summary_json}: {exc.strerror}") from None
+    if problems:
+        console.print(f"[bold red]FAILED[/]: {'; '.join(problems)} (files in {workdir})")
+        return False
+    console.print(f"[bold green]nothing lost[/] (files in {workdir})")
+    return True

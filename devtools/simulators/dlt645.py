@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config.models import AgentConfig, load_config
+from agent.config.loader import load_config
+from agent.config.models import AgentConfig
 from agent.drivers.dlt645.driver import Dlt645Channel, Dlt645Device, Dlt645Point
 from simulators.plant import Plant, add_arguments, run_command, serve_until_stopped
 from simulators.scenario import ramp

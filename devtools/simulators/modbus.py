@@ -24,7 +24,8 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from agent.config.models import AgentConfig, load_config, validate_config_data
+from agent.config.loader import load_config, validate_config_data
+from agent.config.models import AgentConfig
 from agent.drivers.modbus.codec import BIT_TABLES, REGISTERS, ModbusDevice, ModbusPoint, encode
 from agent.drivers.modbus.tcp import ModbusTcpChannel
 from simulators.plant import Done, Plant, add_arguments, run_command, serve_until_stopped

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config.models import AgentConfig, load_config
+from agent.config.loader import load_config
+from agent.config.models import AgentConfig
 from agent.drivers.modbus.codec import BIT_TABLES
 from agent.drivers.modbus.rtu import ModbusRtuChannel, ModbusRtuTcpChannel
 from simulators.modbus import ModbusPlant, _is_gas, _Unit

@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config.models import AgentConfig, load_config
+from agent.config.loader import load_config
+from agent.config.models import AgentConfig
 from agent.drivers.opcua.driver import CLIENT_URI, OpcUaChannel, OpcUaPoint
 from simulators.plant import Done, Plant, add_arguments, run_command, serve_until_stopped
 from simulators.scenario import ramp

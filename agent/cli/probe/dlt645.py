@@ -13,7 +13,7 @@ import click
 from agent.cli.probe import emit, fail
 
 if TYPE_CHECKING:
-    from agent.drivers.dlt645.driver import DataFormat
+    from agent.drivers.dlt645.codec import DataFormat
 
 EXIT_ARGUMENTS = 2
 EXIT_DEVICE = 1
@@ -55,6 +55,7 @@ def _number(text: str, what: str, as_json: bool, *, integer: bool = False) -> fl
 def command(port: str, address: str | None, di: str | None, discover: bool, baud: str, parity: str, timeout: str,
             preamble: str, fmt: str | None, as_json: bool) -> None:
     """Read DI of meter ADDRESS on PORT (e.g. /dev/ttyUSB0), or --discover the address of the only meter."""
+    from agent.drivers.dlt645 import codec
     from agent.drivers.dlt645 import driver as dlt645
 
     def bad(message: str) -> None:
@@ -72,7 +73,7 @@ def command(port: str, address: str | None, di: str | None, discover: bool, baud
     wake = int(_number(preamble, "--preamble", as_json, integer=True))
     if not 0 <= wake <= 4:
         bad(f"--preamble must be 0 to 4 wake-up bytes, not {wake}")
-    data_format: dlt645.DataFormat | None = None
+    data_format: codec.DataFormat | None = None
     identifier = 0
     if discover:
         if address is not None or di is not None or fmt is not None:
@@ -84,16 +85,16 @@ def command(port: str, address: str | None, di: str | None, discover: bool, baud
         if len(address) != 12 or not address.isdigit() or not address.isascii():
             bad(f"--address must be the meter's 12 decimal digits, not {address!r}")
         try:
-            identifier = dlt645.parse_di(di)
+            identifier = codec.parse_di(di)
         except ValueError as exc:
             bad(f"--di: {exc}")
-        data_format = dlt645.KNOWN_DIS.get(identifier)
+        data_format = codec.KNOWN_DIS.get(identifier)
         if fmt is not None:
             data_format = _parse_format(fmt, bad)
 
     bus = dlt645.Dlt645Bus(port, baudrate=baudrate, parity=parity, preamble=wake, response_timeout=wait)
     # a whole reply of the longest kind must fit after its first byte
-    deadline = wait + bus.latency + bus.link.wire_time(4 + 12 + dlt645.MAX_DATA)
+    deadline = wait + bus.latency + bus.link.wire_time(4 + 12 + codec.MAX_DATA)
 
     async def ask() -> dlt645.Exchange:
         try:
@@ -109,18 +110,18 @@ def command(port: str, address: str | None, di: str | None, discover: bool, baud
     except ConnectionError as exc:
         fail(str(exc), as_json, EXIT_DEVICE, kind="port", port=port)
         return
-    except dlt645.ErrorReply as exc:
+    except codec.ErrorReply as exc:
         who = f"meter {address}" if address else "the meter"
         fail(f"{who} answered with an error: {exc}", as_json, EXIT_DEVICE, kind="error_reply",
              error_code=exc.code, error_bits=exc.reasons, **_bytes(bus.last_request, exc.frame, address))
         return
-    except dlt645.FrameError as exc:
+    except codec.FrameError as exc:
         # every meter answers the all-AA address, so two on the bus garble each other's replies
         hint = "; if several meters are on the bus they all answer --discover: ask one by --address" \
             if discover else ""
         fail(f"{exc}{hint}", as_json, EXIT_DEVICE, kind=exc.kind, **_bytes(bus.last_request, exc.frame, address))
         return
-    except dlt645.NoReply as exc:
+    except codec.NoReply as exc:
         who = f"meter {address}" if address else "any meter"
         kind = "wrong_reply" if exc.notes else "timeout"
         fail(f"{exc} from {who} on {port}", as_json, EXIT_DEVICE, kind=kind,
@@ -129,34 +130,34 @@ def command(port: str, address: str | None, di: str | None, discover: bool, baud
 
     request_hex, frame_hex = exchange.request.hex(" "), exchange.frame.raw.hex(" ")
     if discover:
-        found = dlt645.address_text(exchange.payload)
+        found = codec.address_text(exchange.payload)
         emit({"value": found, "quality": "good", "address": found, "request": request_hex, "frame": frame_hex},
              as_json, f"meter address {found} (reply {frame_hex})")
         return
     assert address is not None
-    result: dict[str, Any] = {"address": address, "di": dlt645.di_text(identifier), "request": request_hex,
+    result: dict[str, Any] = {"address": address, "di": codec.di_text(identifier), "request": request_hex,
                               "frame": frame_hex, "data": exchange.payload.hex(" ")}
-    known = dlt645.KNOWN_DIS.get(identifier)
+    known = codec.KNOWN_DIS.get(identifier)
     name = f" {known.name}" if known is not None else ""
     if data_format is None:
         result.update(value=None, quality="uncertain")
-        emit(result, as_json, f"meter {address} DI {dlt645.di_text(identifier)}: data {exchange.payload.hex(' ')} "
+        emit(result, as_json, f"meter {address} DI {codec.di_text(identifier)}: data {exchange.payload.hex(' ')} "
              "(low byte first; give --format BYTES,DECIMALS[,signed] to decode it)")
         return
     try:
-        value = dlt645.decode_value(exchange.payload, data_format)
+        value = codec.decode_value(exchange.payload, data_format)
     except ValueError as exc:
-        fail(f"meter {address} DI {dlt645.di_text(identifier)}: {exc}", as_json, EXIT_DEVICE, kind="value",
+        fail(f"meter {address} DI {codec.di_text(identifier)}: {exc}", as_json, EXIT_DEVICE, kind="value",
              **_bytes(exchange.request, exchange.frame.raw, address))
         return
     unit = data_format.unit or (known.unit if known is not None else "")
     result.update(value=value, unit=unit, quality="good")
     shown = f"{value:.{data_format.decimals}f}"
-    emit(result, as_json, f"meter {address} DI {dlt645.di_text(identifier)}{name}: {shown}{' ' + unit if unit else ''}")
+    emit(result, as_json, f"meter {address} DI {codec.di_text(identifier)}{name}: {shown}{' ' + unit if unit else ''}")
 
 
 def _parse_format(text: str, bad: Callable[[str], None]) -> DataFormat:
-    from agent.drivers.dlt645.driver import DataFormat
+    from agent.drivers.dlt645.codec import DataFormat
 
     parts = [p.strip().lower() for p in text.split(",")]
     signed = len(parts) == 3 and parts[2] == "signed"
