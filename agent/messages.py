@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from agent.config.points import PointInfo
-from agent.core import BAD, QUALITY_CODES, QUALITY_NAMES, AlarmEvent, ReadingBatch
+from agent.core import QUALITY_CODES, QUALITY_NAMES, AlarmEvent, ReadingBatch
 
 _QUALITY_TAIL = tuple(f',"quality":"{name}"}}' for name in QUALITY_NAMES)
 
@@ -91,17 +91,50 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 def read_body(body: bytes) -> dict[str, Any]:
-    """A stored body as the message it holds (without `v`, `seq`, `hist`); ValueError when it is damaged."""
+    """A stored body as the message it holds (without `v`, `seq`, `hist`).
+
+    Any bytes at all: the answer is a dict, or ValueError (and no other error) when the body is damaged.
+    """
     message = orjson.loads(b"{" + body)  # orjson.JSONDecodeError is a ValueError
     if not isinstance(message, dict):
         raise ValueError("a stored body is not a JSON object")
     return message
 
 
+# a reading's time must be one a calendar can name (0001..9999): the archive's chunks and the history command
+# both rely on it, and a tampered body must not smuggle in a time that overflows them
+_TS_MIN = -62_135_596_800_000
+_TS_MAX = 253_402_300_799_999
+_VALUE_TYPES = (bool, int, float)
+
+
 def read_readings(body: bytes) -> list[tuple[str, int, Any, int]] | None:
-    """The readings of a stored `data` body as (point, ts, value, quality code); None when it is damaged."""
+    """The readings of a stored `data` body as (point, ts, value, quality code); None when it is damaged.
+
+    Never raises, on any bytes. A body is damaged when it is not a JSON object with a `readings` list, or when
+    any one of its readings is not what `data_body` writes: an object whose `point` is a string, `ts` an integer
+    (not a bool) from year 1 to 9999 in ms, `value` null, a bool or a number (not a string, list or object), and
+    `quality` one of the quality names. One such reading makes the whole body damaged, not just that reading:
+    this agent did not write it as it is, so none of it is trusted, and the callers report it once.
+    """
     try:
-        return [(r["point"], r["ts"], r["value"], QUALITY_CODES.get(r["quality"], BAD))
-                for r in read_body(body)["readings"]]
-    except (ValueError, KeyError, TypeError):
+        readings = read_body(body)["readings"]
+    except (ValueError, KeyError):
         return None
+    if not isinstance(readings, list):
+        return None
+    out: list[tuple[str, int, Any, int]] = []
+    append = out.append
+    for r in readings:
+        if not isinstance(r, dict) or "value" not in r:
+            return None
+        point, ts, value, quality = r.get("point"), r.get("ts"), r["value"], r.get("quality")
+        if type(point) is not str or type(ts) is not int or not _TS_MIN <= ts <= _TS_MAX:
+            return None
+        if value is not None and type(value) not in _VALUE_TYPES:
+            return None
+        code = QUALITY_CODES.get(quality) if type(quality) is str else None
+        if code is None:
+            return None
+        append((point, ts, value, code))
+    return out

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import struct
+import tracemalloc
+import zlib
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agent.core import KIND_DATA
+from agent.messages import read_readings
 from agent.store import Store
-from agent.store.archive import ArchiveBuffer, decode_chunk, encode_chunk
+from agent.store.archive import ArchiveBuffer, ChunkError, decode_chunk, encode_chunk
 
 
 def f32(x: float) -> float:
@@ -101,3 +106,132 @@ def test_values_that_need_double_precision_keep_it() -> None:
     values = array("d", [0.1, 1 / 3, 123456789.123456789])
     samples = decode_chunk(encode_chunk(array("q", [0, 1, 2]), values, array("B", [0, 0, 0])))
     assert [s.value for s in samples] == list(values)
+
+
+# --- damaged and tampered chunks: one ChunkError, bounded work, the other chunks still answer ----------------
+
+_HEADER = struct.Struct("<BBIq")
+
+
+def sample_chunk(n: int = 50) -> bytes:
+    stamps = array("q", [1_764_331_200_000 + 1000 * i for i in range(n)])
+    return encode_chunk(stamps, array("d", [f32(i / 4) for i in range(n)]), array("B", [0] * n))
+
+
+def with_count(chunk: bytes, count: int) -> bytes:
+    """`chunk` with its header's sample count replaced, compressed again (a tampered chunk that inflates)."""
+    raw = bytearray(zlib.decompress(chunk))
+    version, flags, _, first = _HEADER.unpack_from(raw)
+    _HEADER.pack_into(raw, 0, version, flags, count, first)
+    return zlib.compress(bytes(raw))
+
+
+def peak_bytes(action: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        action()
+    except ChunkError:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_a_tampered_count_is_damage_and_allocates_nothing_from_it() -> None:
+    chunk = with_count(sample_chunk(), 5_000_000)  # it used to build lists of 5 million, then IndexError
+    with pytest.raises(ChunkError, match="5000000 samples"):
+        decode_chunk(chunk)
+    assert peak_bytes(lambda: decode_chunk(chunk)) < 1_000_000
+    with pytest.raises(ChunkError, match="needs"):
+        decode_chunk(with_count(sample_chunk(), 51))  # one more than the bytes hold
+    with pytest.raises(ChunkError, match="needs"):
+        decode_chunk(with_count(sample_chunk(), 49))  # one fewer: bytes left over are damage too
+
+
+def test_a_truncated_chunk_is_damage() -> None:
+    chunk = sample_chunk()
+    for cut in (0, 1, 5, len(chunk) // 2, len(chunk) - 1):
+        with pytest.raises(ChunkError):  # it used to raise zlib.error, which nothing caught
+            decode_chunk(chunk[:cut])
+    raw = zlib.decompress(chunk)
+    for cut in (3, _HEADER.size, _HEADER.size + 7, len(raw) - 1):
+        with pytest.raises(ChunkError):  # inflates, but the samples are cut short: used to be IndexError
+            decode_chunk(zlib.compress(raw[:cut]))
+
+
+def test_a_zlib_bomb_inflates_no_further_than_its_count_allows() -> None:
+    raw = _HEADER.pack(2, 3, 1000, 0) + bytes(20_000_000)  # claims 1000 samples, inflates to 20 MB
+    bomb = zlib.compress(raw, 9)
+    assert len(bomb) < 30_000
+    with pytest.raises(ChunkError, match="more than"):
+        decode_chunk(bomb)
+    assert peak_bytes(lambda: decode_chunk(bomb)) < 1_000_000
+    # a count as large as the header allows is refused before inflating anything past the header
+    huge = zlib.compress(_HEADER.pack(2, 0, 2**32 - 1, 0) + bytes(20_000_000), 9)
+    with pytest.raises(ChunkError, match="more than its"):
+        decode_chunk(huge)
+    assert peak_bytes(lambda: decode_chunk(huge)) < 1_000_000
+
+
+def test_unknown_format_flags_or_quality_codes_are_damage() -> None:
+    raw = bytearray(zlib.decompress(sample_chunk(3)))
+    for offset, byte in ((0, 9), (1, 0x80)):
+        tampered = bytearray(raw)
+        tampered[offset] = byte
+        with pytest.raises(ChunkError):
+            decode_chunk(zlib.compress(bytes(tampered)))
+    tampered = bytearray(raw)
+    tampered[_HEADER.size + 3 * 4] = 7  # the first quality code (after three int32 time deltas)
+    with pytest.raises(ChunkError, match="quality"):
+        decode_chunk(zlib.compress(bytes(tampered)))
+
+
+def test_chunk_errors_are_value_errors_for_older_callers() -> None:
+    assert issubclass(ChunkError, ValueError)
+
+
+def test_history_skips_a_damaged_chunk_logs_it_once_and_answers_from_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with Store(tmp_path / "s.db") as store:
+        for start in (1000, 61_000, 121_000):
+            buffer = ArchiveBuffer()
+            buffer.add_many(["LT-1"] * 3, [start, start + 1000, start + 2000], [1.0, 2.0, 3.0], [0, 0, 0])
+            store.write_chunks(list(buffer.take()), mark=0)
+        good = store.db.execute("SELECT chunk FROM archive WHERE start = 1000").fetchone()[0]
+        store.db.execute("UPDATE archive SET chunk = ? WHERE start = 61000", (with_count(good, 4_000_000),))
+        store.db.execute("UPDATE archive SET chunk = 'text, not bytes' WHERE start = 121000")
+        with caplog.at_level(logging.ERROR, logger="agent.store.archive"):
+            got = store.history("LT-1", 0, 10**12)
+        assert [s.ts for s in got] == [1000, 2000, 3000]
+        damaged = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+        assert len(damaged) == 2
+        assert "LT-1" in damaged[0] and "61000" in damaged[0] and "121000" in damaged[1]
+
+
+@pytest.mark.parametrize("reading", [
+    b'{"point":7,"ts":1000,"value":1.0,"quality":"good"}',  # point not a string
+    b'{"point":"LT-1","ts":"1000","value":1.0,"quality":"good"}',  # ts not an integer
+    b'{"point":"LT-1","ts":1000.5,"value":1.0,"quality":"good"}',
+    b'{"point":"LT-1","ts":true,"value":1.0,"quality":"good"}',  # a bool is no time
+    b'{"point":"LT-1","ts":99999999999999999999,"value":1.0,"quality":"good"}',  # beyond the year 9999
+    b'{"point":"LT-1","ts":1000,"value":1.0,"quality":"stale"}',  # unknown quality
+    b'{"point":"LT-1","ts":1000,"value":1.0,"quality":["good"]}',
+    b'{"point":"LT-1","ts":1000,"value":{"nested":1},"quality":"good"}',  # value a nested object
+    b'{"point":"LT-1","ts":1000,"value":[1],"quality":"good"}',
+    b'{"point":"LT-1","ts":1000,"value":"1.0","quality":"good"}',
+    b'{"point":"LT-1","ts":1000,"quality":"good"}',  # no value at all
+    b'["LT-1",1000,1.0,"good"]',
+])
+def test_a_stored_body_with_one_malformed_reading_is_damaged(reading: bytes) -> None:
+    good = b'{"point":"LT-1","ts":900,"value":2.5,"quality":"good"}'
+    assert read_readings(b'"readings":[' + good + b"]}") == [("LT-1", 900, 2.5, 0)]
+    assert read_readings(b'"readings":[' + good + b"," + reading + b"]}") is None
+
+
+def test_history_leaves_out_a_damaged_message_and_keeps_the_rest(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        store.point_keys(["LT-1"])
+        store.append(KIND_DATA, 1, b'"readings":[{"point":"LT-1","ts":1000,"value":{"x":1},"quality":"good"}]}')
+        store.append(KIND_DATA, 1, b'"readings":[{"point":"LT-1","ts":2000,"value":2.0,"quality":"bad"}]}')
+        assert [(s.ts, s.value, s.quality) for s in store.history("LT-1", 0, 10**12)] == [(2000, 2.0, 2)]

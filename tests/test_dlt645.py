@@ -618,3 +618,25 @@ def test_the_simulator_command_prints_one_path_per_channel_and_cleans_up(tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+# --- found by tests/test_fuzz_frames.py ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("text", ["0000000 ", "-1234567", "+0000001", "0x123456", "1_234567", "١٢٣٤٥٦٧٨"])
+def test_a_data_identifier_is_exactly_eight_hex_digits(text: str) -> None:
+    # int(text, 16) takes spaces, signs, 0x, underscores and any script's digits; "-1234567" became a negative DI
+    # that crashed the probe with OverflowError when the request was built
+    with pytest.raises(ValueError, match="8 hex digits"):
+        codec.parse_di(text)
+    assert codec.parse_di("0400040e") == 0x0400040E
+
+
+@pytest.mark.timeout(10)
+def test_value_bytes_that_are_not_the_formats_bcd_are_a_protocol_error() -> None:
+    # was a bare ValueError: now the codec's FrameError, and still a ValueError for the callers that catch that
+    for data, fmt in ((b"", DataFormat(1, 0)), (b"\x0a", DataFormat(1, 0))):
+        with pytest.raises(FrameError) as caught:
+            codec.decode_value(data, fmt)
+        assert isinstance(caught.value, ValueError) and caught.value.kind == "bad_value"

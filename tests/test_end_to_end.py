@@ -36,6 +36,7 @@ def site(ports: dict[str, int], broker_port: int, store: Path, **uplink: Any) ->
     """The example site, pointed at the simulator and the test broker, with short intervals."""
     data = yaml.safe_load(EXAMPLE.read_text())
     data = copy.deepcopy(data)
+    data["uplink"].pop("tls", None)  # the test broker is plain MQTT on loopback
     data["uplink"].update({"host": "127.0.0.1", "port": broker_port, "health_interval": 2,
                            "reconnect_min": 0.2, "reconnect_max": 1, "batch": {"max_readings": 500, "max_delay": 0.3},
                            **uplink})
@@ -203,3 +204,19 @@ def test_device_that_stops_answering_gives_bad_readings_and_comm_loss_until_it_r
 def seq_max(platform: PlatformSimulator) -> int:
     agents = platform.report().agents
     return max((r.seq_max or 0 for r in agents.values()), default=0)
+
+
+@pytest.mark.timeout(60)
+def test_a_store_the_service_cannot_write_stops_the_start_with_the_reason(
+    tmp_path: Path, broker: Any, agent_process: Any
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    ports = {c["id"]: 1 for c in yaml.safe_load(EXAMPLE.read_text())["channels"]}
+    agent = agent_process(site(ports, broker.port, blocker / "store.db")).start()
+    assert agent.proc is not None
+    code = agent.proc.wait(30)
+    agent.proc = None
+    log = agent.log()
+    assert code == 1, log
+    assert "cannot use" in log and "memory_fallback" in log and "Traceback" not in log, log

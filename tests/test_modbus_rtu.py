@@ -20,7 +20,7 @@ from agent.config.loader import validate_config_data
 from agent.config.models import AgentConfig
 from agent.config.points import PointTable
 from agent.core import BAD, GOOD, ReadingBatch
-from agent.drivers.modbus.codec import ModbusError, parse_read_reply, read_request
+from agent.drivers.modbus.codec import ModbusError, parse_read_reply, read_request, reply_length
 from agent.drivers.modbus.rtu import (
     ModbusRtuChannel,
     ModbusRtuDriver,
@@ -467,3 +467,13 @@ def test_the_gas_leak_passes_both_alarm_levels_on_the_wire_and_clears(tmp_path: 
     assert max(seen) > 50  # past high_high, read through the driver
     assert any(25 < v < 50 for v in seen)  # the first level on the way
     assert final < 25 - 1
+
+
+# --- found by tests/test_fuzz_frames.py ------------------------------------------------------------------
+
+
+def test_the_reply_length_of_a_head_too_short_to_tell_is_unknown_not_an_index_error() -> None:
+    assert reply_length(b"") is None  # was IndexError
+    assert reply_length(b"\x03") is None  # was IndexError: the byte count is still to come
+    assert reply_length(b"\x83") == 2  # an exception reply is known from its first byte
+    assert reply_length(b"\x03\x04") == 6

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from agent.drivers.modbus.codec import FrameError, ModbusDevice, bits_of, decode_block, plan_blocks
 from agent.drivers.modbus.tcp import ModbusTcpChannel, ModbusTcpDriver
 
 
@@ -194,3 +195,33 @@ def test_a_server_refusing_unused_addresses_inside_a_merged_block_is_read_withou
     values, errors, again = asyncio.run(main())
     assert values == [7, 8, 9] and errors == []
     assert again == [7, 8, 9]
+
+
+# --- found by tests/test_fuzz_frames.py ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("point", "data"),
+    [
+        ({"table": "coil", "type": "bool"}, b""),  # was IndexError
+        ({"type": "bool", "bit": 0}, b""),  # was IndexError
+        ({"type": "int16"}, b""),  # was struct.error
+        ({"type": "int32", "order": "CDAB"}, b"\x00\x00"),  # was struct.error
+        ({"table": "coil", "type": "bool"}, b"\x00\x00\x00"),  # was decoded from the first byte, the rest ignored
+    ],
+)
+def test_a_block_given_data_of_another_size_is_a_frame_error_and_writes_no_value(
+    point: dict[str, object], data: bytes
+) -> None:
+    device = ModbusDevice.model_validate({"id": "d", "points": [{"id": "p", "address": 0, **point}]})
+    (block,) = plan_blocks(device)
+    values: list[object] = [None]
+    with pytest.raises(FrameError, match="data bytes for"):
+        decode_block(block, data, values)
+    assert values == [None]
+
+
+def test_bits_asked_beyond_the_data_are_a_frame_error() -> None:
+    with pytest.raises(FrameError, match="0 data bytes for 1 bits"):
+        bits_of(b"", 1)  # was IndexError
+    assert list(bits_of(b"\x05", 3)) == [True, False, True]

@@ -1,15 +1,17 @@
 """The OPC UA driver against the OPC UA simulator (asyncua's server, over loopback): poll and subscribe modes,
-source timestamps, status codes as qualities, missing nodes, a server restarted mid-run, Basic256Sha256 with
-generated certificates, and username/password logins.
+source timestamps, status codes as qualities, missing nodes, a server restarted mid-run, a server clock a day
+ahead or stepped back, Basic256Sha256 with generated certificates, and username/password logins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -205,7 +207,7 @@ def test_poll_reads_every_node_with_its_source_timestamp(plant: SimThread) -> No
     assert read.qualities == [GOOD] * 5
     config = site([channel.model_dump()])
     table = PointTable(config)
-    batch = decode(table.points, table.devices[0].indices, read, 0)
+    batch = decode(table.points, table.devices[0].indices, read, int(time.time() * 1000))
     assert batch.values == [3, 81.25, 0.5, 5.0, True]  # scale and offset are the pipeline's, not the driver's
     assert batch.stamps == read.timestamps
 
@@ -238,7 +240,7 @@ def test_status_codes_map_to_quality_and_strings_are_bad(plant: SimThread) -> No
     assert "NAME" in read.errors[1] and "String" in read.errors[1] and "not a number or bool" in read.errors[1]
     config = site([channel.model_dump()])
     table = PointTable(config)
-    batch = decode(table.points, table.devices[0].indices, read, 0)
+    batch = decode(table.points, table.devices[0].indices, read, int(time.time() * 1000))
     assert batch.qualities == [GOOD, BAD, UNCERTAIN, BAD]
 
 
@@ -447,6 +449,137 @@ def test_pipeline_reports_bad_during_a_restart_and_good_after_it(tmp_path: Path)
     health = asyncio.run(run())
     assert health["channels"][0]["link"] == "up"
     assert [d["state"] for d in health["channels"][0]["devices"]] == ["ok", "ok"]
+
+
+# --- a server clock that is wrong ------------------------------------------------------------------------
+
+SKEW_MS = 300_000  # the default max_clock_skew of a device
+Seen = tuple[str, Any, int, int, int]
+"""One reading the pipeline took: point id, value, quality, its ts, and the agent's clock when it arrived."""
+
+
+def _clock_site() -> AgentConfig:
+    """TI-101 (high 95) read by a polled device (as TI-101) and a subscribed one (as TI-101-s)."""
+    point = PLANT_POINTS[1]
+    return site([{"id": "plant", "driver": "opcua", "endpoint": "opc.tcp://127.0.0.1:4840/edge",
+                  "devices": [{"id": "polled", "interval": 0.1, "points": [point]},
+                              {"id": "watched", "mode": "subscribe", "interval": 0.1, "publishing_interval": 0.05,
+                               "points": [{**point, "id": "TI-101-s"}]}]}])
+
+
+async def _run_site(tmp_path: Path, script: Callable[[OpcUaSimulator, list[Seen], Any], Awaitable[None]]
+                    ) -> tuple[list[Seen], dict[str, Any]]:
+    """Run `script(sim, seen, pipeline)` while the poller feeds the pipeline (alarms, store) from the simulator;
+    return every reading taken and the poller's health of the channel."""
+    from agent.pipeline.ingest import Pipeline
+    from agent.pipeline.poller import Poller
+    from agent.store import Store
+
+    config = _clock_site()
+    sim = OpcUaSimulator(config, folder=tmp_path, period=3600)
+    await sim.start()
+    channel = config.channels[0].model_copy(update=sim.channel_overrides()["plant"])
+    cfg = config.model_copy(update={"channels": [channel]})
+    seen: list[Seen] = []
+    with Store(tmp_path / "store.db").open() as store:
+        pipeline = Pipeline(cfg, store)
+        ids = [p.id for p in pipeline.table.points]
+
+        def record(batch: Any) -> None:
+            now = int(time.time() * 1000)
+            seen.extend((ids[i], v, q, t, now)
+                        for i, v, q, t in zip(batch.indices, batch.values, batch.qualities, batch.times(), strict=True))
+            pipeline.ingest(batch)
+
+        poller = Poller(pipeline.table, record)
+        task = asyncio.create_task(poller.run_channel(channel))
+        try:
+            await script(sim, seen, pipeline)
+            return seen, poller.health(cfg.channels)[0]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await sim.stop()
+
+
+def _both_have(seen: list[Seen], value: float, quality: int) -> Callable[[], bool]:
+    """True once both devices delivered `value` with `quality`."""
+    return lambda: {p for p, v, q, _, _ in seen if v == value and q == quality} == {"TI-101", "TI-101-s"}
+
+
+def _decode_log(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "agent.pipeline.decode" and r.levelno == level]
+
+
+@pytest.mark.timeout(90)
+def test_a_day_ahead_source_timestamp_is_distrusted_and_later_values_still_arrive(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def script(sim: OpcUaSimulator, readings: list[Seen], pipeline: Any) -> None:
+        await sim.set_value("TI-101", 80.0)
+        await until(_both_have(readings, 80.0, GOOD))
+        sim.set_clock(86_400)  # one value stamped a day ahead...
+        await sim.set_value("TI-101", 81.0)
+        await until(_both_have(readings, 81.0, UNCERTAIN))
+        sim.set_clock(0)  # ...then good values with correct times, rising past the high limit
+        for value in (88.0, 96.0, 100.0):
+            await sim.set_value("TI-101", value)
+            await until(_both_have(readings, value, GOOD))
+        assert {"TI-101/high", "TI-101-s/high"} <= set(pipeline.alarms.active())
+
+    with caplog.at_level(logging.INFO, logger="agent.pipeline.decode"):
+        seen, health = asyncio.run(_run_site(tmp_path, script))
+
+    assert all(abs(ts - now) <= SKEW_MS for _, _, _, ts, now in seen)  # nothing stored or sent a day ahead
+    ahead = [r for r in seen if r[1] == 81.0]
+    assert all(q == UNCERTAIN and abs(ts - now) < 5_000 for _, _, q, ts, now in ahead)  # the agent's time
+    assert [p for p, v, q, _, _ in seen if v is None or q == BAD] == []  # never bad: the server answered
+    # logged once per device (the polled one read the day-ahead value at several polls), and once when it recovered
+    warnings = _decode_log(caplog, logging.WARNING)
+    assert sorted(w.split(":")[0] for w in warnings) == ["channel plant device polled", "channel plant device watched"]
+    assert all("ahead of the agent's clock" in w and "max_clock_skew 300 s" in w for w in warnings)
+    recovered = [m for m in _decode_log(caplog, logging.INFO) if "trusted again" in m]
+    assert sorted(m.split(":")[0] for m in recovered) == ["channel plant device polled",
+                                                          "channel plant device watched"]
+    devices = {d["id"]: d for d in health["devices"]}
+    assert devices["watched"]["untrusted_timestamps"] == 1  # the one day-ahead sample
+    assert devices["polled"]["untrusted_timestamps"] == len([r for r in ahead if r[0] == "TI-101"])
+
+
+@pytest.mark.timeout(90)
+def test_a_server_clock_stepping_back_never_silences_a_point(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                             ) -> None:
+    async def script(sim: OpcUaSimulator, readings: list[Seen], pipeline: Any) -> None:
+        await sim.set_value("TI-101", 80.0)
+        await until(_both_have(readings, 80.0, GOOD))
+        sim.set_clock(-30)  # a small step back (an NTP correction): older stamps than the last, still plausible
+        for value in (85.0, 90.0):
+            await sim.set_value("TI-101", value)
+            await until(_both_have(readings, value, GOOD))
+        sim.set_clock(-3600)  # an hour back: outside max_clock_skew
+        await sim.set_value("TI-101", 96.0)
+        await until(_both_have(readings, 96.0, UNCERTAIN))
+        assert {"TI-101/high", "TI-101-s/high"} <= set(pipeline.alarms.active())
+        sim.set_clock(0)
+        await sim.set_value("TI-101", 70.0)
+        await until(_both_have(readings, 70.0, GOOD))
+
+    with caplog.at_level(logging.INFO, logger="agent.pipeline.decode"):
+        seen, health = asyncio.run(_run_site(tmp_path, script))
+
+    assert all(abs(ts - now) <= SKEW_MS for _, _, _, ts, now in seen)
+    # the step back within the window: delivered with the server's own (earlier) times, good
+    stepped = [r for r in seen if r[1] in (85.0, 90.0)]
+    assert all(q == GOOD and 25_000 < now - ts < 35_000 for _, _, q, ts, now in stepped)
+    # an hour back: the agent's time, uncertain, logged once per device and once more when it recovered
+    hour = [r for r in seen if r[1] == 96.0]
+    assert hour and all(q == UNCERTAIN and abs(ts - now) < 5_000 for _, _, q, ts, now in hour)
+    warnings = _decode_log(caplog, logging.WARNING)
+    assert len(warnings) == 2 and all("behind the agent's clock" in w for w in warnings)
+    assert len([m for m in _decode_log(caplog, logging.INFO) if "trusted again" in m]) == 2
+    devices = {d["id"]: d for d in health["devices"]}
+    assert devices["watched"]["untrusted_timestamps"] == 1
+    assert devices["polled"]["untrusted_timestamps"] == len([r for r in hour if r[0] == "TI-101"])
 
 
 # --- security --------------------------------------------------------------------------------------------

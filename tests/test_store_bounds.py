@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.core import KIND_ALARM, KIND_DATA
+from agent.errors import StoreError
 from agent.store import Store
 from agent.store.archive import ArchiveBuffer
 from agent.store.upkeep import Upkeep, UpkeepConfig
@@ -57,12 +62,32 @@ def test_corruption_found_while_running_is_recovered(tmp_path: Path) -> None:
     assert any(p.name.startswith("store.db.corrupt-") for p in tmp_path.iterdir())
 
 
-def test_an_unusable_path_falls_back_to_memory_and_says_why(tmp_path: Path) -> None:
+def test_an_unusable_path_stops_the_start_with_the_reason(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    with Store(blocker / "store.db") as store:
+    with pytest.raises(StoreError, match=r"not-a-folder.*memory_fallback"):
+        Store(blocker / "store.db").open()
+
+
+def test_an_unusable_path_falls_back_to_memory_only_when_configured_and_says_why(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with Store(blocker / "store.db", memory_fallback=True) as store:
         assert store.fallback_reason is not None and "not-a-folder" in store.fallback_reason
         assert store.append(KIND_DATA, 1, b"z") == 1
+
+
+def test_the_store_and_its_seq_reserve_are_not_world_readable(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # as a shell would leave it: the modes must come from the code, not the umask
+    try:
+        with Store(tmp_path / "store.db") as store:
+            fill(store, 1)
+            store.sync()
+            files = [store.path, store.seq_file, Path(f"{store.path}-wal")]
+            modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files if f.exists()}
+    finally:
+        os.umask(old)
+    assert len(modes) == 3 and all(mode & 0o007 == 0 and mode & 0o020 == 0 for mode in modes.values()), modes
 
 
 def upkeep(store: Store, max_bytes: int) -> Upkeep:
@@ -152,7 +177,7 @@ def test_a_full_disk_is_not_taken_for_a_damaged_store(tmp_path: Path) -> None:
     import os
     import subprocess
 
-    import pytest
+
 
     disk = tmp_path / "small"
     disk.mkdir()
@@ -169,7 +194,7 @@ def test_a_full_disk_is_not_taken_for_a_damaged_store(tmp_path: Path) -> None:
                     f.flush()
             except OSError:
                 pass
-        with Store(disk / "s.db") as store:
+        with Store(disk / "s.db", memory_fallback=True) as store:
             assert store.recovered is None, "a full disk must never move a healthy store aside"
             if store.fallback_reason is None:  # it could open after all: the backlog is there
                 assert [r.seq for r in store.fetch(0)] == seqs

@@ -35,7 +35,7 @@ def agent_config(plant_port: int, store: Path, **uplink: Any) -> dict[str, Any]:
                    "batch": {"max_delay": 0.3}, **uplink},
         "store": {"path": str(store), "shutdown_drain": 3},
         "channels": [{"id": "c1", "driver": "modbus_tcp", "host": "127.0.0.1", "port": plant_port,
-                      "devices": [{"id": "d1", "interval": 0.3, "points": POINTS}]}],
+                      "devices": [{"id": "d1", "interval": 0.3, "points": [dict(p) for p in POINTS]}]}],
     }
 
 
@@ -167,3 +167,37 @@ def test_run_with_a_broken_config_exits_2_naming_the_field(tmp_path: Path, agent
     assert agent.proc.wait(20) == 2
     assert "channels[0].devices[0].points[1].order: 'ABDC' is not one of" in agent.log()
     assert "Traceback" not in agent.log()
+
+
+@pytest.mark.timeout(90)
+def test_password_file_is_read_when_connecting_and_until_it_exists_readings_wait_in_the_store(
+    tmp_path: Path, plant: Any, agent_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secured = free_port()
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(tmp_path / "passwd"), "ipc-9", "s3cret-20261128"],
+                   check=True, capture_output=True, timeout=30)
+    (tmp_path / "passwd").chmod(0o644)
+    broker = Mosquitto(tmp_path, listeners=(
+        f"listener {secured} 127.0.0.1\nallow_anonymous false\npassword_file {tmp_path}/passwd\n"
+    )).start()
+    credentials = tmp_path / "credentials"  # what systemd's LoadCredential= makes, named by the same variable
+    credentials.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    try:
+        sim = plant(plant_config())
+        platform = PlatformSimulator("127.0.0.1", broker.port, "t")
+        platform.start()
+        store = tmp_path / "s.db"
+        agent = agent_process(agent_config(sim.ports["c1"], store, port=secured, username="ipc-9",
+                                           password_file="${CREDENTIALS_DIRECTORY}/mqtt-password")).start()
+        wait_until(lambda: f"password_file {credentials}/mqtt-password: No such file or directory" in agent.log()
+                   and stored_readings(store) > 0, 20, "the missing password file in the log, readings in the store")
+        assert platform.readings() == []
+        (credentials / "mqtt-password").write_text("s3cret-20261128\n")
+        assert platform.wait_for(lambda p: any(r.hist for r in p.readings()) and len(p.readings()) >= 10, 30), \
+            agent.log()[-2000:]
+        check_clean_run(platform, agent, store)
+        platform.stop()
+        assert "Traceback" not in agent.log() and "20261128" not in agent.log()
+    finally:
+        broker.stop()

@@ -1,8 +1,11 @@
 """The daemon: opens the store, wires the stages (poller → ingest → store → uplink, the control plane beside),
-starts them under one TaskGroup, and stops them in order on SIGTERM/SIGINT (channels first, pending readings
-stored, a short drain, then offline).
+starts them, and stops them in order on SIGTERM/SIGINT (channels first, pending readings stored, a short
+drain, then offline).
 
-Nothing in flight is lost on a stop: unacknowledged messages stay in the store for the next start.
+A stop always ends within the drain time plus a few seconds, whatever state each stage is in: a task that
+does not end when cancelled (a library that swallowed the cancellation, a device that hangs its close) is
+asked again, then left behind and named in the log. Nothing in flight is lost on a stop: unacknowledged
+messages stay in the store for the next start. No alarm is raised by the stop itself.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import contextlib
 import logging
 import os
 import signal
-import socket
+from typing import Any
 
 from agent import __version__
 from agent.app.health import Reports
+from agent.app.systemd import Watchdog, sd_notify, watchdog_interval
 from agent.config.models import AgentConfig
 from agent.control.actions import Actions
 from agent.control.commands import CommandHandler
@@ -29,26 +33,50 @@ from agent.uplink.uplink import Uplink
 log = logging.getLogger(__name__)
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(state.encode(), address)
-
-
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.store = Store(config.store.path)
+        self.store = Store(config.store.path, memory_fallback=config.store.memory_fallback)
         self.reports: Reports | None = None
         self._stop = asyncio.Event()
+        self.abandoned: list[str] = []  # tasks that did not end on a stop (the caller exits the process)
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    async def _until_stop_or_failure(self, tasks: list[asyncio.Task[None]]) -> BaseException | None:
+        """Wait for a stop request; a stage that ends on an error stops the agent too (and is returned)."""
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        running: set[asyncio.Future[Any]] = set(tasks)
+        try:
+            while True:
+                done, _ = await asyncio.wait({stop, *running}, return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    return None
+                for task in done:
+                    running.discard(task)
+                    error = None if task.cancelled() else task.exception()
+                    if error is not None:
+                        log.error("%s failed: %r; stopping", getattr(task, "get_name", str)(), error,
+                                  exc_info=error)
+                        return error
+        finally:
+            stop.cancel()
+
+    async def _end(self, tasks: list[asyncio.Task[None]], within: float) -> None:
+        """Cancel `tasks` and wait up to `within` seconds, asking again every half second; what still runs then
+        is left behind, named in the log."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        pending = {t for t in tasks if not t.done()}
+        while pending and loop.time() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=min(0.5, max(0.0, deadline - loop.time())))
+        for task in pending:
+            log.error("stopping: %s did not end within %.0fs of being cancelled; left behind", task.get_name(),
+                      within)
+            self.abandoned.append(task.get_name())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -74,33 +102,50 @@ class Agent:
             reports.commands = commands
             uplink.on_command = lambda payload, retained: commands.handle(payload, "platform", retained=retained)
             control = ControlServer(cfg.control.socket,
-                                    lambda line, caller: commands.handle(line, "local", caller=caller))
+                                    lambda line, caller: commands.handle(line, "local", caller=caller),
+                                    {"points": reports.points, "channels": reports.channels, "buffer": reports.buffer})
             log.info("agent %s/%s starting: %d channel(s), %d point(s), store %s, next seq %d",
                      cfg.agent.enterprise, cfg.agent.id, len(cfg.channels), len(pipeline.table),
                      cfg.store.path, self.store.last_seq() + 1)
-            async with asyncio.TaskGroup() as tg:
-                uplink_task = tg.create_task(uplink.run(), name="uplink")
-                field = [tg.create_task(poller.run_channel(ch), name=f"channel {ch.id}")
-                         for ch in cfg.channels if ch.enabled]
-                field.append(tg.create_task(pipeline.flush_loop(), name="batch timer"))
-                field.append(tg.create_task(pipeline.archive_loop(), name="archive"))
-                upkeep_task = tg.create_task(upkeep.run(), name="store upkeep")
-                field.append(tg.create_task(control.run(), name="control socket"))
-                sd_notify("READY=1")
-                await self._stop.wait()
-                sd_notify("STOPPING=1")
-                log.info("stopping: channels first, then a drain of up to %.1fs", cfg.store.shutdown_drain)
-                for task in field:
-                    task.cancel()
-                await asyncio.gather(*field, return_exceptions=True)
-                pipeline.flush()
+            # owned here, not by a TaskGroup: a group waits for every child at its exit, and one child that never
+            # ends (a swallowed cancellation) would hold the stop forever
+            uplink_task = loop.create_task(uplink.run(), name="uplink")
+            field = [loop.create_task(poller.run_channel(ch), name=f"channel {ch.id}")
+                     for ch in cfg.channels if ch.enabled]
+            field.append(loop.create_task(pipeline.flush_loop(), name="batch timer"))
+            field.append(loop.create_task(pipeline.archive_loop(), name="archive"))
+            field.append(loop.create_task(control.run(), name="control socket"))
+            upkeep_task = loop.create_task(upkeep.run(), name="store upkeep")
+            others = [uplink_task, upkeep_task]
+            period = watchdog_interval()
+            if period is not None:
+                slowest = max((d.interval for _, d, _ in cfg.points()), default=0.0)
+                polling = any(ch.enabled for ch in cfg.channels)  # without channels the loop's turning is progress
+                watchdog = Watchdog(period, lambda: pipeline.readings_in if polling else int(loop.time()),
+                                    stall=max(period, 3 * slowest))
+                others.append(loop.create_task(watchdog.run(), name="watchdog"))
+            sd_notify("READY=1")
+            failed = await self._until_stop_or_failure([*field, *others])
+            sd_notify("STOPPING=1")
+            log.info("stopping: channels first, then a drain of up to %.1fs", cfg.store.shutdown_drain)
+            pipeline.stopping = True  # from here on no alarm is raised: the agent itself stopped polling
+            await self._end(field, 3.0)
+            pipeline.flush()
+            if failed is None:
                 await uplink.drain(cfg.store.shutdown_drain)
-                await uplink.stop()
-                uplink_task.cancel()
-                upkeep_task.cancel()
-                pipeline.save_energy()
-                pipeline.archive_flush()
-                self.store.sync()
+            await uplink.stop()
+            await self._end(others, 3.0)
+            pipeline.save_energy()
+            pipeline.archive_flush()
+            self.store.sync()
+            if failed is not None:
+                raise ExceptionGroup("a stage of the agent failed", [failed]) if isinstance(failed, Exception) \
+                    else failed
             left = self.store.backlog()
             log.info("stopped; %d message(s) (%d readings) stay in the store for the next start",
                      left.messages, left.readings)
+        if self.abandoned:
+            # the store is synced and closed; waiting for a task that ignores cancellation would never end
+            log.error("exiting without waiting for: %s", ", ".join(self.abandoned))
+            logging.shutdown()
+            os._exit(0)

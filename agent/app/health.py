@@ -97,3 +97,59 @@ class Reports:
             "uplink": {"connected": self.uplink.connected, "last_error": self.uplink.last_error},
             **self._field(),
         }
+
+    # --- what the field CLI asks over the control socket (read-only) -----------------------------------------
+
+    def points(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Every point's last value, quality, age, unit and raised alarms; `device`, `bad` narrow the list."""
+        device = request.get("device") if isinstance(request.get("device"), str) else None
+        only_bad = request.get("bad") is True
+        raised: dict[str, list[str]] = {}
+        for alarm_id, state in self.pipeline.alarms.states().items():
+            raised.setdefault(alarm_id.rsplit("/", 1)[0], []).append(f"{alarm_id.rsplit('/', 1)[1]} ({state})")
+        now = time.time() * 1000
+        pipeline = self.pipeline
+        names = ("good", "uncertain", "bad")
+        out = []
+        for info in pipeline.table.points:
+            i = info.index
+            code = pipeline.quality[i]
+            quality = names[code] if code < len(names) else "never read"
+            if device is not None and info.device != device:
+                continue
+            if only_bad and quality == "good":
+                continue
+            ts = pipeline.last_ts[i]
+            out.append({"point": info.id, "channel": info.channel, "device": info.device, "unit": info.unit,
+                        "value": pipeline.last_value[i], "quality": quality, "ts": ts or None,
+                        "age_s": round((now - ts) / 1000, 1) if ts else None, "alarms": raised.get(info.id, [])})
+        return {"points": out, "count": len(out)}
+
+    def channels(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"channels": self.poller.details(self.config.channels)}
+
+    def buffer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The store seen from the field: backlog, size against its bounds, what was dropped, the archive."""
+        backlog = self.store.backlog()
+        history, oldest_end = self.store.archive_stats()
+        newest_end = self.store.db.execute("SELECT max(end) FROM archive").fetchone()[0]
+        try:
+            disk_free = shutil.disk_usage(self.config.store.path.parent).free / 1e6
+        except OSError:
+            disk_free = None
+        now = time.time()
+        cfg = self.config.store
+        return {
+            "backlog": {"messages": backlog.messages, "readings": backlog.readings,
+                        "oldest_age_s": None if backlog.oldest_created is None
+                        else round(max(0.0, now - backlog.oldest_created / 1000), 1)},
+            "store": {"path": str(cfg.path), "used_mb": round(self.store.used_bytes() / 1e6, 1), "cap_mb": cfg.max_mb,
+                      "min_free_mb": cfg.min_free_mb, "disk_free_mb": None if disk_free is None
+                      else round(disk_free, 1), "memory_only": self.store.fallback_reason},
+            "dropped": {"evicted_readings": self.upkeep.evicted + self.pipeline.lost_readings,
+                        "pruned_readings": self.upkeep.pruned,
+                        "damaged_messages": int(self.store.meta("damaged_messages", 0) or 0)},
+            "archive": {"readings": history, "oldest_ts": oldest_end, "newest_ts": newest_end,
+                        "retention_s": cfg.retention},
+            "last_sync_age_s": None if self.upkeep.last_sync is None else round(now - self.upkeep.last_sync, 1),
+        }

@@ -12,34 +12,29 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
 
 import click
 
-from agent import __version__
-from agent.config.loader import config_schema, load_config
-from agent.errors import ConfigError
+from agent.cli.base import (
+    _CONFIG_OPTION,
+    _SOCKET_OPTION,
+    EXIT_BAD_INPUT,
+    _ask,
+    _fail,
+    _print_config_errors,
+    _socket_of,
+    main,
+)
+from agent.config.loader import config_schema, load_config, secret_file_warnings
+from agent.errors import AgentError, ConfigError
 
-EXIT_BAD_INPUT = 2
+__all__ = ["main"]
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from agent.app.logs import setup
 
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    click.echo(f"edge-agent: {message}", err=True)
-    sys.exit(code)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="edge-agent")
-def main() -> None:
-    """Edge monitoring agent: field devices → local alarms → durable store → MQTT to the county platform."""
+    setup(level)
 
 
 @main.command()
@@ -60,7 +55,7 @@ def run(config_path: Path, log_level: str | None) -> None:
     logging.getLogger("asyncua").setLevel(logging.WARNING)
     try:
         asyncio.run(Agent(config).run())
-    except OSError as exc:
+    except (OSError, AgentError) as exc:
         _fail(f"cannot run: {exc}", 1)
     except ExceptionGroup as group:  # a task failed: name it plainly, the log has the traceback
         logging.getLogger("agent").exception("the agent stopped on an error")
@@ -72,16 +67,13 @@ def config() -> None:
     """Check configuration files and print their schema."""
 
 
-def _print_config_errors(exc: ConfigError) -> None:
-    click.echo(f"{exc.source}: {len(exc.errors)} error(s)", err=True)
-    for line in exc.errors:
-        click.echo(f"  {line}", err=True)
-
-
 @config.command("check")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def config_check(file: Path) -> None:
-    """Validate FILE; print every error with its path and exit 2, or exit 0 when valid."""
+    """Validate FILE; print every error with its path and exit 2, or exit 0 when valid.
+
+    A secret file this user cannot read is a warning, not an error: the agent reads it when it connects.
+    """
     try:
         cfg = load_config(file)
     except ConfigError as exc:
@@ -89,6 +81,8 @@ def config_check(file: Path) -> None:
         sys.exit(EXIT_BAD_INPUT)
     points = sum(len(d.points) for ch in cfg.channels for d in getattr(ch, "devices", []))
     click.echo(f"{file}: valid ({len(cfg.channels)} channel(s), {points} point(s), version {cfg.version})")
+    for line in secret_file_warnings(cfg):
+        click.echo(f"{file}: warning: {line}", err=True)
 
 
 @config.command("schema")
@@ -157,33 +151,6 @@ def history(point: str, since: str, until: str, config_path: Path, store_path: P
     click.echo(f"{len(samples)} reading(s) of {point}", err=True)
 
 
-def _socket_of(config_path: Path, socket: Path | None) -> Path:
-    if socket is not None:
-        return socket
-    try:
-        return load_config(config_path).control.socket
-    except ConfigError as exc:
-        _print_config_errors(exc)
-        sys.exit(EXIT_BAD_INPUT)
-
-
-def _ask(socket: Path, request: dict[str, Any]) -> dict[str, Any]:
-    from agent.control.socket import ask
-
-    try:
-        return asyncio.run(ask(socket, request))
-    except ConnectionError as exc:
-        _fail(str(exc), 1)
-        raise AssertionError("unreachable") from None
-
-
-_CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-                              default=Path("/etc/edge-agent/agent.yaml"), show_default=True,
-                              help="Configuration of the running agent (for its control socket).")
-_SOCKET_OPTION = click.option("--socket", type=click.Path(path_type=Path), default=None,
-                              help="Control socket of the running agent (instead of --config).")
-
-
 @main.command()
 @_CONFIG_OPTION
 @_SOCKET_OPTION
@@ -245,6 +212,10 @@ def _add_probe() -> None:
 
 
 _add_probe()
+# the field engineer's commands register themselves on `main` (points, channels, buffer, doctor, support-bundle)
+import agent.cli.doctor  # noqa: E402
+import agent.cli.field  # noqa: E402
+import agent.cli.support  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

@@ -1,15 +1,30 @@
 """Base config models shared by every driver: durations, identifiers, limits, points, devices, channels.
 
-Driver modules subclass these for their own options; this module imports no driver and opens nothing.
+Driver modules subclass these for their own options; this module imports no driver and opens nothing but a
+secret file, when a connection asks for it (`read_secret`), never while a configuration is validated.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import stat
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
 _UNIT_SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
@@ -20,7 +35,10 @@ def parse_duration(value: Any) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise ValueError("a duration must be a finite number of seconds") from None
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match is None:
@@ -38,10 +56,103 @@ Identifier = Annotated[
 Domain = Literal["hazard", "gas", "personnel", "power"]
 
 
-class Model(BaseModel):
-    """Base of every config model: unknown keys are errors, so typos never pass silently."""
+def _secret_text(value: Any) -> Any:
+    if not isinstance(value, str):  # never quoted: the value is the secret
+        raise ValueError("a password is text: write it in quotes (unquoted, YAML may read it as a number or a "
+                         "date, and 0123 as 83)")
+    return value
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class Secret(str):
+    """A password from the configuration: its repr (a model printed in a log) never shows it, and validation
+    errors never quote it (agent.config.loader)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'**********'"
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_before_validator_function(
+            _secret_text, core_schema.no_info_after_validator_function(cls, core_schema.str_schema())
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        out = handler(schema)
+        out.update(format="password", writeOnly=True)
+        return out
+
+
+CREDENTIALS = "${CREDENTIALS_DIRECTORY}"
+"""The one variable a secret file's path may start with: the folder of systemd's LoadCredential= files."""
+
+MAX_SECRET_BYTES = 65_536
+
+
+def _credential_path(value: Path) -> Path:
+    text = str(value)
+    rest = text[len(CREDENTIALS):] if text.startswith(CREDENTIALS + "/") else text
+    if "$" in rest:
+        raise ValueError(f"the only variable a secret file's path may use is {CREDENTIALS}, at its start "
+                         "(systemd's LoadCredential=)")
+    return value
+
+
+SecretFile = Annotated[Path, AfterValidator(_credential_path)]
+"""A file holding a secret, read when a connection is made (`read_secret`); relative to the config's folder."""
+
+
+def secret_path(path: Path) -> Path:
+    """The file a secret file's path names in this process: ${CREDENTIALS_DIRECTORY} expanded, or OSError."""
+    text = str(path)
+    if not text.startswith(CREDENTIALS + "/"):
+        return path
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        raise OSError(f"{text}: CREDENTIALS_DIRECTORY is not set (systemd sets it for a service with "
+                      "LoadCredential=)")
+    return Path(folder) / text[len(CREDENTIALS) + 1:]
+
+
+def read_secret(path: Path) -> Secret:
+    """The secret a file holds, less its final line break; OSError naming the file and what is wrong with it,
+    never its content. Never blocks (a FIFO is refused) and reads at most MAX_SECRET_BYTES."""
+    where = secret_path(path)
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OSError(f"{where}: {exc.strerror or type(exc).__name__}") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        data = b""
+        while regular and len(data) <= MAX_SECRET_BYTES and (chunk := os.read(fd, MAX_SECRET_BYTES + 1 - len(data))):
+            data += chunk
+    except OSError as exc:
+        raise OSError(f"{where}: {exc.strerror or type(exc).__name__}") from None
+    finally:
+        os.close(fd)
+    if not regular:
+        raise OSError(f"{where}: not a regular file")
+    if len(data) > MAX_SECRET_BYTES:
+        raise OSError(f"{where}: larger than {MAX_SECRET_BYTES} bytes, not a password")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OSError(f"{where}: not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise OSError(f"{where}: empty")
+    return Secret(text)
+
+
+class Model(BaseModel):
+    """Base of every config model: unknown keys are errors, so typos never pass silently; NaN and infinities
+    are refused in every float (a limit of NaN never raises, a duration of inf never comes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Limits(Model):
@@ -165,6 +276,13 @@ class DeviceBase(Model):
         30.0, gt=0, description="A failing device is polled less often, doubling up to this interval."
     )
     comm_loss: Duration = Field(30.0, ge=0, description="Raise `comm_loss` after a point is bad this long.")
+    max_clock_skew: Duration = Field(
+        300.0, ge=1, le=86400,
+        description="A sample time the device gives (e.g. an OPC UA source timestamp) further than this from the "
+        "agent's clock, ahead or behind, is not trusted: the reading takes the agent's time and is `uncertain`, "
+        "the device's count of untrusted timestamps rises (health report) and the device is logged once, and "
+        "again when its timestamps are trusted again. No effect on devices that give no timestamps.",
+    )
 
 
 class ChannelBase(Model):

@@ -1,10 +1,14 @@
 """Loading a configuration: read the file, parse the YAML (agent.config.yaml_stream), validate it against the
 models, and say every problem with its path (`channels[0].devices[1].points[3].type: ...`). Relative paths
-are taken from the config file's folder.
+are taken from the config file's folder. No message ever quotes a secret, and none quotes more than a few
+dozen characters of what it got.
 """
 
 from __future__ import annotations
 
+import reprlib
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +16,40 @@ import yaml
 from pydantic import ValidationError
 
 from agent.config import yaml_stream
-from agent.config.base import Model
+from agent.config.base import CREDENTIALS, Model, Secret, SecretFile, read_secret
 from agent.config.models import AgentConfig
 from agent.errors import ConfigError
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = _QUOTE.maxother = 80
+
+
+def _quote(value: object) -> str:
+    """A short repr of what the file gave: a 10 MB string shows as its first few dozen characters, a mapping or
+    a list by its kind only (it may hold a secret, e.g. `log_level: *uplink`)."""
+    if isinstance(value, dict | list | tuple):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return _QUOTE.repr(value)
+
+
+def _holds(annotation: Any, kind: Any) -> bool:
+    return annotation == kind or any(_holds(a, kind) for a in typing.get_args(annotation) if a is not annotation)
+
+
+def secret_fields() -> frozenset[str]:
+    """Names of the fields, in any model (the drivers' too), that hold a secret: their input is never quoted."""
+    names: set[str] = set()
+    todo: list[type[Model]] = [Model]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        names.update(name for name, field in cls.model_fields.items() if _holds(field.annotation, Secret))
+    return frozenset(names)
+
+
+MAX_ERRORS = 100
+"""Error lines reported at most; a crafted file can have thousands, the first hundred say what is wrong."""
+MAX_MESSAGE = 1000
 
 
 def _render_loc(loc: tuple[int | str, ...], drivers: set[str]) -> str:
@@ -26,7 +61,8 @@ def _render_loc(loc: tuple[int | str, ...], drivers: set[str]) -> str:
         elif isinstance(prev, int) and part in drivers:
             pass  # the discriminated-union tag pydantic inserts after channels[i]
         else:
-            out += f".{part}" if out else part
+            name = part if len(part) <= 80 else part[:77] + "..."  # an unknown key may be any length
+            out += f".{name}" if out else name
         prev = part
     return out
 
@@ -36,20 +72,25 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     from agent.drivers import registry
 
     drivers = {d.name for d in registry.all_drivers()}
+    secrets = secret_fields()
     lines: list[str] = []
     for err in exc.errors(include_url=False):
         where = _render_loc(tuple(err["loc"]), drivers) or "(top level)"
         kind = err["type"]
         ctx = err.get("ctx") or {}
         value = err.get("input")
-        if kind == "literal_error":
-            msg = f"{value!r} is not one of {ctx.get('expected')}"
+        if any(part in secrets for part in err["loc"] if isinstance(part, str)):
+            # the input is (or holds) the secret: say what is wrong, never what was given
+            msg = str(ctx.get("error", err["msg"])) if kind == "value_error" else err["msg"]
+        elif kind == "literal_error":
+            msg = f"{_quote(value)} is not one of {ctx.get('expected')}"
         elif kind == "extra_forbidden":
             msg = "unknown field (check the spelling; `edge-agent config schema` lists the fields)"
         elif kind == "missing":
             msg = "required field is missing"
-        elif kind == "union_tag_invalid":
-            msg = f"driver {ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
+        elif kind == "union_tag_invalid":  # pydantic's tag is str() of whatever `driver` holds: quote that, shortly
+            tag = value.get("driver", ctx.get("tag")) if isinstance(value, dict) else ctx.get("tag")
+            msg = f"driver {_quote(tag)} is not one of {ctx.get('expected_tags')}"
         elif kind == "union_tag_not_found":
             msg = f"field {ctx.get('discriminator')} is missing (one of {', '.join(sorted(drivers))})"
         elif kind in ("value_error", "assertion_error"):
@@ -59,7 +100,9 @@ def format_validation_error(exc: ValidationError) -> list[str]:
                 lines.extend(msg.split("; "))
                 continue
         else:
-            msg = f"{err['msg']} (got {value!r})" if not isinstance(value, dict | list) else err["msg"]
+            msg = f"{err['msg']} (got {_quote(value)})" if not isinstance(value, dict | list) else err["msg"]
+        if len(msg) > MAX_MESSAGE:  # a validator's message may quote a long value
+            msg = msg[:MAX_MESSAGE] + "..."
         lines.append(f"{where}: {msg}")
     return lines
 
@@ -80,7 +123,7 @@ def load_config(path: Path | str) -> AgentConfig:
 def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> AgentConfig:
     """Validate YAML text; relative store paths are resolved against base_dir."""
     try:
-        data = yaml_stream.load(text)
+        data = yaml_stream.load(text, secret_keys=secret_fields())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -95,7 +138,10 @@ def validate_config_data(data: dict[str, Any], *, source: str, base_dir: Path | 
     try:
         config = AgentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, format_validation_error(exc)) from None
+        lines = format_validation_error(exc)
+        if len(lines) > MAX_ERRORS:
+            lines[MAX_ERRORS:] = [f"... and {len(lines) - MAX_ERRORS:,} more error(s)"]
+        raise ConfigError(source, lines) from None
     if base_dir is not None:
         resolved = _resolve_paths(config, base_dir)
         assert isinstance(resolved, AgentConfig)
@@ -107,6 +153,8 @@ def _resolve_paths(value: Any, base: Path) -> Any:
     """Relative file names anywhere in the configuration (store, socket, certificates) are taken from the
     config file's folder, so the daemon finds them whatever its working directory."""
     if isinstance(value, Path):
+        if str(value).startswith(CREDENTIALS + "/"):
+            return value  # systemd's folder, known only when the connection reads the file
         return value if value.is_absolute() else (base / value).resolve()
     if isinstance(value, list):
         items = [_resolve_paths(v, base) for v in value]
@@ -120,6 +168,32 @@ def _resolve_paths(value: Any, base: Path) -> Any:
                 update[name] = new
         return value.model_copy(update=update) if update else value
     return value
+
+
+def _secret_files(value: Any, where: str) -> Iterator[tuple[str, Path]]:
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _secret_files(item, f"{where}[{i}]")
+    elif isinstance(value, Model):
+        for name, field in type(value).model_fields.items():
+            current = getattr(value, name)
+            here = f"{where}.{name}" if where else name
+            if isinstance(current, Path) and _holds(field.annotation, SecretFile):
+                yield here, current
+            else:
+                yield from _secret_files(current, here)
+
+
+def secret_file_warnings(config: AgentConfig) -> list[str]:
+    """One line per secret file this process cannot read now. Not an error: the agent reads them only when it
+    connects, maybe as another user, and an engineer checking a configuration need not be able to."""
+    lines = []
+    for where, path in _secret_files(config, ""):
+        try:
+            read_secret(path)
+        except OSError as exc:
+            lines.append(f"{where}: {exc} (read when the agent connects)")
+    return lines
 
 
 def config_schema() -> dict[str, Any]:

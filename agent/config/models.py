@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from agent.config.base import ChannelBase, DeviceBase, Duration, Identifier, Model, PointBase
+from agent.config.base import ChannelBase, DeviceBase, Duration, Identifier, Model, PointBase, Secret, SecretFile
 
 
 class AgentIdentity(Model):
@@ -48,7 +48,13 @@ class UplinkConfig(Model):
     )
     client_id: str | None = Field(None, description="MQTT client id; default {enterprise}-{agent}.")
     username: str | None = Field(None, description="MQTT user name.")
-    password: str | None = Field(None, description="MQTT password.")
+    password: Secret | None = Field(None, description="MQTT password (better: `password_file`).")
+    password_file: SecretFile | None = Field(
+        None,
+        description="File holding the MQTT password (its final line break dropped), read at each connection, so "
+        "the configuration needs no secret; e.g. ${CREDENTIALS_DIRECTORY}/mqtt-password with systemd's "
+        "LoadCredential=. Not with `password`.",
+    )
     tls: TlsConfig | None = Field(None, description="TLS settings; plain TCP when omitted.")
     max_incoming_bytes: int = Field(
         1_048_576, ge=65_536, le=64 * 1_048_576,
@@ -81,6 +87,14 @@ class UplinkConfig(Model):
             raise ValueError("reconnect_max must not be below reconnect_min")
         return self
 
+    @model_validator(mode="after")
+    def _one_password(self) -> UplinkConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if (self.password is not None or self.password_file is not None) and self.username is None:
+            raise ValueError("a password is given but username is not")
+        return self
+
 
 class StoreConfig(Model):
     """Where messages wait for the platform and readings are kept; every bound says what happens when full."""
@@ -109,6 +123,12 @@ class StoreConfig(Model):
     archive_interval: Duration = Field(
         60.0, ge=1, le=3600,
         description="Readings are written to the history archive in chunks this long (longer: smaller on disk).",
+    )
+    memory_fallback: bool = Field(
+        False,
+        description="When the store's file cannot be opened or created at start (a folder the service user cannot "
+        "write, a read-only disk): false (the default) stops the start with the reason; true runs on with the "
+        "store in memory, reported in `health.store.memory_only`, losing what is not delivered at the next stop.",
     )
     shutdown_drain: Duration = Field(
         3.0, le=60, description="On a clean stop, how long to keep publishing what is stored before exit."

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import socket
@@ -25,10 +26,13 @@ _LIMIT = 64 * 1024
 
 
 class ControlServer:
-    def __init__(self, path: Path, handle: Callable[[bytes, str], dict[str, Any]]) -> None:
-        """`handle(request, caller)`: caller names the local user ("uid 1000 pid 4242"), for the log."""
+    def __init__(self, path: Path, handle: Callable[[bytes, str], dict[str, Any]],
+                 queries: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
+        """`handle(request, caller)`: caller names the local user ("uid 1000 pid 4242"), for the log. `queries`:
+        read-only questions only local users may ask (`points`, `channels`, `buffer`), answered here."""
         self.path = path
         self.handle = handle
+        self.queries = queries or {}
 
     async def run(self) -> None:
         try:
@@ -37,6 +41,7 @@ class ControlServer:
                 self.path.unlink()  # left by a killed daemon
             server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=_LIMIT)
             os.chmod(self.path, 0o660)
+            _hand_to_cli_group(self.path)
         except OSError as exc:
             log.warning("control socket %s unavailable (%s): `edge-agent alarms` will not reach this daemon",
                         self.path, exc)
@@ -51,13 +56,46 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
-            result = self.handle(line.strip(), _caller(writer))
+            result = self._query(line) or self.handle(line.strip(), _caller(writer))
             writer.write(orjson.dumps(result) + b"\n")
             await writer.drain()
         except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
             log.debug("control socket client dropped: %s", exc)
         finally:
             writer.close()
+
+
+    def _query(self, line: bytes) -> dict[str, Any] | None:
+        """The answer to a read-only query, or None when the line is not one (the command handler answers)."""
+        try:
+            request = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(request, dict) or request.get("cmd") not in self.queries:
+            return None
+        name = request["cmd"]
+        cmd_id = request.get("id") if isinstance(request.get("id"), str) and len(request["id"]) <= 128 else None
+        try:
+            return {"v": 1, "id": cmd_id, "cmd": name, "ok": True, "result": self.queries[name](request)}
+        except Exception as exc:  # a query must never take the socket down; it changes nothing
+            log.exception("control socket: query %s failed", name)
+            return {"v": 1, "id": cmd_id, "cmd": name, "ok": False, "error": f"internal error: {type(exc).__name__}"}
+
+
+CLI_GROUP = "edge-agent-cli"  # the field engineers' group: may use the socket, may not read the secrets
+
+
+def _hand_to_cli_group(path: Path) -> None:
+    """Give the socket to the CLI users' group when it exists and the daemon is in it (install.sh sets it up)."""
+    try:
+        gid = grp.getgrnam(CLI_GROUP).gr_gid
+    except KeyError:
+        return
+    if gid in os.getgroups() or os.geteuid() == 0:
+        try:
+            os.chown(path, -1, gid)
+        except OSError as exc:
+            log.warning("control socket %s: cannot hand it to group %s: %s", path, CLI_GROUP, exc)
 
 
 def _caller(writer: asyncio.StreamWriter) -> str:

@@ -11,7 +11,9 @@ import asyncio
 import functools
 import logging
 import time
+from array import array
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -48,10 +50,14 @@ class Pipeline:
         self.max_readings = config.uplink.batch.max_readings
         self.max_delay = config.uplink.batch.max_delay
         self.quality = bytearray([_UNKNOWN]) * len(self.table)
+        # each point's last reading, for `edge-agent points` (one slot a point, no object per reading)
+        self.last_value: list[Any] = [None] * len(self.table)
+        self.last_ts = array("q", bytes(8 * len(self.table)))
         self._pending: list[ReadingBatch] = []
         self._pending_count = 0
         self._pending_since = 0.0
         self.readings_in = 0
+        self.stopping = False  # set by the daemon when a stop begins: no alarm is raised from then on
         self.events_out = 0
         self.lost_readings = 0  # readings the store refused (disk full, unreadable file)
         self._unstored: list[tuple[bytes, int]] = []  # alarm events the store refused, retried first
@@ -100,11 +106,14 @@ class Pipeline:
         if self._energy:
             self._add_daily_energy(batch)
         events = self.alarms.evaluate(batch)
-        quality = self.quality
-        for index, q in zip(batch.indices, batch.qualities, strict=True):
+        quality, last_value, last_ts = self.quality, self.last_value, self.last_ts
+        times = batch.times()
+        for index, q, value, ts in zip(batch.indices, batch.qualities, batch.values, times, strict=True):
             quality[index] = q
+            last_value[index] = value
+            last_ts[index] = ts
         id_of = self._id_of
-        self.archive.add_many([id_of[i] for i in batch.indices], batch.times(), batch.values, batch.qualities)
+        self.archive.add_many([id_of[i] for i in batch.indices], times, batch.values, batch.qualities)
         self.readings_in += len(batch)
         if events:
             self.store_events(events)
@@ -249,8 +258,10 @@ class Pipeline:
     async def flush_loop(self) -> None:
         """Store a partial batch once its oldest reading has waited max_delay."""
         tick = max(0.05, min(self.max_delay / 4, 0.25))
-        while True:
+        while not self.stopping:
             await asyncio.sleep(tick)
+            if self.stopping:
+                break  # a stop began while sleeping: comm loss of devices the agent stopped polling is no alarm
             events = self.alarms.tick(int(time.time() * 1000))
             if events or self._unstored:
                 self.store_events(events)

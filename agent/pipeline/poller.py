@@ -19,7 +19,7 @@ from agent.config.points import DeviceSlot, PointTable
 from agent.core import DeviceRead, ReadingBatch
 from agent.drivers import registry
 from agent.drivers.registry import Driver
-from agent.pipeline.decode import bad_batch, decode
+from agent.pipeline.decode import DeviceClock, bad_batch, decode
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,14 @@ class DeviceState:
     failures: int = 0  # consecutive failed polls
     due: float = 0.0  # loop time of the next poll
     retry_at: float = 0.0  # loop time before which a failing device is not asked
+    last_good: int | None = None  # wall time (ms) of the last poll that read something
+    round_trip: float | None = None  # seconds the last read took
+    polls: int = 0
+    errors: int = 0  # polls that failed or read only part of the points
+    clock: DeviceClock = field(init=False)  # the device's own timestamps against the agent's clock (decode checks)
+
+    def __post_init__(self) -> None:
+        self.clock = DeviceClock(self.where, self.slot.device.max_clock_skew)
 
     @property
     def device(self) -> DeviceBase:
@@ -78,12 +86,15 @@ class Poller:
                 if dev.failures and loop.time() < dev.retry_at:
                     self.ingest(bad_batch(dev.slot.indices, ts))
                 else:
+                    began = loop.time()
                     read = await self._read(driver, dev)
+                    dev.round_trip = loop.time() - began
+                    dev.polls += 1
                     if read is None:
                         self.ingest(bad_batch(dev.slot.indices, ts))
                         failed = True
                     else:
-                        self.ingest(decode(points, dev.slot.indices, read, ts))
+                        self.ingest(decode(points, dev.slot.indices, read, ts, dev.clock))
                         failed = read.positions is None and all(v is None for v in read.values)
                     self._outcome(dev, read, failed)
                     if failed:
@@ -111,6 +122,10 @@ class Poller:
     def _outcome(dev: DeviceState, read: DeviceRead | None, failed: bool) -> None:
         if read is not None and read.errors:
             dev.last_error = "; ".join(read.errors)
+        if failed or (read is not None and read.errors):
+            dev.errors += 1
+        if not failed:
+            dev.last_good = int(time.time() * 1000)
         if failed:
             dev.failures += 1
             if dev.state != "failing":
@@ -129,7 +144,7 @@ class Poller:
         dev.failures = 0
 
     def health(self, channels: list[ChannelBase]) -> list[dict[str, Any]]:
-        """Per channel: link up or down, and each device's state and last error."""
+        """Per channel: link up or down, and each device's state, last error and untrusted timestamps."""
         out = []
         for channel in channels:
             driver = self.drivers.get(channel.id)
@@ -137,8 +152,30 @@ class Poller:
                 "id": channel.id,
                 "link": "up" if driver is not None and driver.connected else "down",
                 "devices": [
-                    {"id": d.device.id, "state": "ok" if d.state == "ok" else "failing", "last_error": d.last_error}
+                    {"id": d.device.id, "state": "ok" if d.state == "ok" else "failing", "last_error": d.last_error,
+                     "untrusted_timestamps": d.clock.untrusted}
                     for d in self.devices_of(channel)
                 ],
+            })
+        return out
+
+    def details(self, channels: list[ChannelBase]) -> list[dict[str, Any]]:
+        """What a field engineer looks at (`edge-agent channels`): per channel and device, the state, the last
+        good read, consecutive failures, round-trip time, back-off, error counts and the last error."""
+        now = asyncio.get_running_loop().time()
+        out = []
+        for channel in channels:
+            driver = self.drivers.get(channel.id)
+            out.append({
+                "id": channel.id, "driver": channel.driver, "enabled": channel.enabled,
+                "link": "up" if driver is not None and driver.connected else "down",
+                "devices": [{
+                    "id": d.device.id, "state": d.state, "interval_s": d.device.interval,
+                    "last_good_ts": d.last_good, "failures": d.failures,
+                    "round_trip_ms": None if d.round_trip is None else round(d.round_trip * 1000, 1),
+                    "backoff_s": round(d.retry_at - now, 1) if d.failures and d.retry_at > now else 0.0,
+                    "polls": d.polls, "errors": d.errors, "last_error": d.last_error,
+                    "untrusted_timestamps": d.clock.untrusted,
+                } for d in self.devices_of(channel)],
             })
         return out

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import struct
 import sys
 import zlib
 from array import array
 from collections.abc import Iterable, Iterator
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 import orjson
 
+from agent.core import BAD
+from agent.errors import AgentError
 from agent.messages import read_body, read_readings
 from agent.store.outbox import ENC_ZLIB, Outbox
 
@@ -32,6 +36,12 @@ _I32 = 2  # time deltas stored as int32
 _NAN64 = struct.unpack("<Q", struct.pack("<d", math.nan))[0]
 _NAN32 = struct.unpack("<I", struct.pack("<f", math.nan))[0]
 _BIG = sys.byteorder == "big"
+# deflate never inflates more than 1032 to 1: what a chunk of n bytes can hold at most, whatever its header says
+_MAX_INFLATE = 1032
+
+
+class ChunkError(AgentError, ValueError):
+    """An archive chunk that cannot be decoded (damaged or tampered with); the history query skips it."""
 
 
 class Sample(NamedTuple):
@@ -95,26 +105,47 @@ def _unshuffle(raw: bytes, width: int) -> bytes:
 
 
 def decode_chunk(blob: bytes, is_bool: bool = False) -> list[Sample]:
-    raw = zlib.decompress(blob)
-    version, flags, n, first = _HEADER.unpack_from(raw)
-    if version != _VERSION:
-        raise ValueError(f"archive chunk format {version} is not known")
-    offset = _HEADER.size
+    """One point's samples from a chunk; ChunkError, and no other error, when the chunk is damaged.
+
+    The header's count is checked against what the chunk's bytes can hold before anything is sized from it,
+    and inflating stops at the length that count implies: a tampered chunk (or a zlib bomb) costs at most
+    about a thousand times its own size, never what its header claims.
+    """
+    inflater = zlib.decompressobj()
+    try:
+        head = inflater.decompress(blob, _HEADER.size)
+        if len(head) < _HEADER.size:
+            raise ChunkError(f"archive chunk ends inside its header ({len(head)} bytes)")
+        version, flags, n, first = _HEADER.unpack(head)
+        if version != _VERSION:
+            raise ChunkError(f"archive chunk format {version} is not known")
+        if flags & ~(_F32 | _I32):
+            raise ChunkError(f"archive chunk has unknown flags {flags:#x}")
+        delta_width = 4 if flags & _I32 else 8
+        value_width = 4 if flags & _F32 else 8
+        size = n * (delta_width + 1 + value_width)
+        if _HEADER.size + size > _MAX_INFLATE * len(blob):
+            raise ChunkError(f"archive chunk claims {n} samples, more than its {len(blob)} bytes can hold")
+        # one byte more than the count needs: a longer body is damage too, and inflating stops there
+        raw = inflater.decompress(inflater.unconsumed_tail, size + 1)
+    except zlib.error as exc:
+        raise ChunkError(f"archive chunk does not inflate: {exc}") from None
+    if len(raw) != size:
+        raise ChunkError(f"archive chunk holds {'more than ' if len(raw) > size else ''}{min(len(raw), size)} "
+                         f"bytes of samples where its count ({n}) needs {size}")
+    if not inflater.eof:
+        raise ChunkError("archive chunk is cut short (its compressed stream does not end)")
     deltas = array("i" if flags & _I32 else "q")
-    deltas.frombytes(_unshuffle(raw[offset : offset + deltas.itemsize * n], deltas.itemsize))
-    offset += deltas.itemsize * n
-    qualities = raw[offset : offset + n]
-    offset += n
+    deltas.frombytes(_unshuffle(raw[: delta_width * n], delta_width))
+    qualities = raw[delta_width * n : (delta_width + 1) * n]
+    if qualities and max(qualities) > BAD:
+        raise ChunkError(f"archive chunk has an unknown quality code {max(qualities)}")
     xored = array("I" if flags & _F32 else "Q")
-    xored.frombytes(_unshuffle(raw[offset : offset + xored.itemsize * n], xored.itemsize))
+    xored.frombytes(_unshuffle(raw[(delta_width + 1) * n :], value_width))
     if _BIG:
         deltas.byteswap()
         xored.byteswap()
-    words = array(xored.typecode, [0] * n)
-    last = 0
-    for i in range(n):
-        last ^= xored[i]
-        words[i] = last
+    words = array(xored.typecode, accumulate(xored, operator.xor))
     floats = array("f" if flags & _F32 else "d")
     floats.frombytes(words.tobytes())
     nan_bits = _NAN32 if flags & _F32 else _NAN64
@@ -188,8 +219,8 @@ class ArchiveBuffer:
 class Archive(Outbox):
     """The archive's tables: point keys, chunks, and the history query over chunks and unarchived messages."""
 
-    def __init__(self, path: Any, *, readonly: bool = False) -> None:
-        super().__init__(path, readonly=readonly)
+    def __init__(self, path: Any, *, readonly: bool = False, memory_fallback: bool = False) -> None:
+        super().__init__(path, readonly=readonly, memory_fallback=memory_fallback)
         # every point id and on/off point told to this store, told again to a file that replaced a damaged one
         self._registered: set[str] = set()
         self._bools: frozenset[str] = frozenset()
@@ -240,11 +271,19 @@ class Archive(Outbox):
         out: list[Sample] = []
         if row is not None:
             is_bool = bool(row[1])
-            for (chunk,) in self.db.execute(
-                "SELECT chunk FROM archive WHERE point = ? AND end >= ? AND start <= ? ORDER BY start",
+            for start, chunk in self.db.execute(
+                "SELECT start, chunk FROM archive WHERE point = ? AND end >= ? AND start <= ? ORDER BY start",
                 (row[0], since, until),
             ):
-                out.extend(s for s in decode_chunk(chunk, is_bool) if since <= s.ts <= until)
+                try:
+                    if not isinstance(chunk, bytes):  # a value of another type written into the file
+                        raise ChunkError(f"archive chunk is a {type(chunk).__name__}, not bytes")
+                    samples = decode_chunk(chunk, is_bool)
+                except ChunkError as exc:
+                    # the other chunks still answer; the damaged one stays in the file for whoever inspects it
+                    log.error("store: archive chunk of %s from %s is damaged and is skipped: %s", point_id, start, exc)
+                    continue
+                out.extend(s for s in samples if since <= s.ts <= until)
         needle = orjson.dumps(point_id)
         for _, body in self.data_rows_after(self.archive_mark()):
             if needle not in body:

@@ -19,9 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+from agent.errors import StoreError
+
 log = logging.getLogger(__name__)
 
 SEQ_RESERVE = 10_000
+FILE_MODE = 0o640  # the store and its seq reserve: the service user writes, its group (field engineers) may read
 SCHEMA_VERSION = 1
 T = TypeVar("T")
 
@@ -76,7 +79,7 @@ class Database:
     """One SQLite connection, used from the event loop thread only: opening, damage recovery, transactions,
     meta values, alarm states and the seq floor. The outbox and the archive build on it (agent.store.Store)."""
 
-    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path | str, *, readonly: bool = False, memory_fallback: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self._db: sqlite3.Connection | None = None
@@ -85,6 +88,7 @@ class Database:
         self._issued = 0  # the highest seq this process gave
         self.recovered: dict[str, Any] | None = None  # what happened when a damaged file was moved aside
         self.fallback_reason: str | None = None
+        self.memory_fallback = memory_fallback
 
     @property
     def seq_file(self) -> Path:
@@ -92,7 +96,7 @@ class Database:
 
     def open(self) -> Self:
         if self.readonly:
-            uri = f"file:{self.path}?mode=ro"
+            uri = f"{self.path.absolute().as_uri()}?mode=ro"  # escaped: a # or ? in the path is part of it
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout=5000")
             return self
@@ -105,7 +109,11 @@ class Database:
                 self._move_aside(exc)
                 self._open_file()
         except (OSError, sqlite3.Error) as exc:
-            # never refuse to start because of the buffer (full or read-only disk): run on memory, say so loudly
+            if not self.memory_fallback:
+                raise StoreError(f"store: cannot use {self.path}: {exc}. Make its folder writable by the service "
+                                 "user (the unit's StateDirectory), or set store.memory_fallback: true to run "
+                                 "without a disk buffer") from None
+            # configured to run on without the buffer (full or read-only disk): on memory, saying so loudly
             self.fallback_reason = f"cannot use {self.path}: {exc}"
             log.error("store: %s; keeping messages in memory only until restart", self.fallback_reason)
             self._connect(":memory:").executescript(_SCHEMA)
@@ -121,6 +129,9 @@ class Database:
     def _open_file(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists() or self.path.stat().st_size == 0
+        if not self.path.exists():
+            # made here with the store's mode: SQLite gives its -wal and -shm files the mode of the database
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
         db = self._connect(str(self.path))
         try:
             if fresh:
@@ -220,7 +231,7 @@ class Database:
         reserved = seq + SEQ_RESERVE
         tmp = self.seq_file.with_name(self.seq_file.name + ".tmp")
         try:
-            with open(tmp, "w") as f:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w") as f:
                 f.write(f"{reserved}\n")
                 f.flush()
                 os.fsync(f.fileno())

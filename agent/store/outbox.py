@@ -80,8 +80,8 @@ class Outbox(Database):
         rows = []
         for seq, k, created, count, enc, body in self.db.execute(sql, args).fetchall():
             try:
-                rows.append(Row(seq, k, created, count, zlib.decompress(body) if enc == ENC_ZLIB else bytes(body)))
-            except zlib.error as exc:
+                rows.append(Row(seq, k, created, count, _decoded(enc, body)))
+            except (zlib.error, TypeError) as exc:
                 self._quarantine(seq, k, count, exc)
         return rows
 
@@ -105,8 +105,8 @@ class Outbox(Database):
                               "ORDER BY seq", (seq,))
         for s, enc, body in cur.fetchall():
             try:
-                yield s, zlib.decompress(body) if enc == ENC_ZLIB else bytes(body)
-            except zlib.error as exc:
+                yield s, _decoded(enc, body)
+            except (zlib.error, TypeError) as exc:
                 log.error("store: message seq %d cannot be read back for the archive: %s", s, exc)
 
     def drop_oldest_data(self, limit: int) -> tuple[int, int]:
@@ -118,6 +118,13 @@ class Outbox(Database):
             self.db.executemany("DELETE FROM outbox WHERE seq = ?", [(r[0],) for r in rows])
         undelivered = sum(r[1] for r in rows if not r[2])
         return undelivered, sum(r[1] for r in rows) - undelivered
+
+
+def _decoded(enc: int, body: object) -> bytes:
+    """A stored body as published; TypeError when the column holds no bytes (a file changed by hand)."""
+    if not isinstance(body, bytes):
+        raise TypeError(f"the body is a {type(body).__name__}, not bytes")
+    return zlib.decompress(body) if enc == ENC_ZLIB else body
 
 
 def _runs(seqs: Iterable[int]) -> list[tuple[int, int]]:

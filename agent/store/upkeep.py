@@ -36,6 +36,7 @@ class Upkeep:
         self.expired = 0
         self.full_of_alarms = False
         self.last_error: str | None = None
+        self.last_sync: float | None = None  # wall time of the last sync to disk
 
     def free_disk(self) -> int:
         try:
@@ -109,6 +110,7 @@ class Upkeep:
             await asyncio.sleep(self.config.sync_interval)
             try:
                 self.store.sync()
+                self.last_sync = time.time()
                 now = loop.time()
                 if now >= next_bounds:
                     self.enforce_bounds(rounds=20)  # a few batches per second until within bounds

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -20,6 +21,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.config.base import read_secret
 from agent.config.models import UplinkConfig
 from agent.core import KIND_ALARM
 from agent.messages import frame
@@ -51,29 +53,10 @@ class Session:
         self.uplink = uplink
         self.loop = asyncio.get_running_loop()
         cfg = uplink.cfg
-        v5 = cfg.protocol == "5"
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=uplink.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else True,
-            reconnect_on_failure=False,
-        )
+        self.client = new_client(cfg, uplink.client_id)
         # our own window is the bound; a little room on top for status and health messages
         self.client.max_inflight_messages_set(cfg.inflight + 8)
         self.client.max_queued_messages_set(0)
-        # connect() blocks an executor thread; a stop waits for it, so it must give up in bounded time
-        self.client.connect_timeout = cfg.connect_timeout
-        if cfg.username is not None:
-            self.client.username_pw_set(cfg.username, cfg.password)
-        if cfg.tls is not None:
-            self.client.tls_set(
-                ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
-                certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
-                keyfile=str(cfg.tls.key) if cfg.tls.key else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            self.client.tls_insecure_set(cfg.tls.insecure)
         # paho logs an exception raised in one of our callbacks instead of re-raising it into its read loop
         self.client.suppress_exceptions = True
         self.client.will_set(uplink.topic("status"), uplink.offline_payload(with_ts=False), qos=1, retain=True)
@@ -171,9 +154,21 @@ class Session:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.MaximumPacketSize = cfg.max_incoming_bytes + 4096
             kwargs["properties"] = props
-        await self.loop.run_in_executor(
-            None, lambda: self.client.connect(cfg.host, cfg.port, keepalive=round(cfg.keepalive), **kwargs)
-        )
+        # paho's connect blocks (DNS, TCP, TLS): in a daemon thread, so a stop never waits for a dead broker's
+        # connect timeout (an executor thread would be joined at exit)
+        opened: asyncio.Future[None] = self.loop.create_future()
+
+        def attempt() -> None:
+            error: BaseException | None = None
+            try:
+                self.client.connect(cfg.host, cfg.port, keepalive=round(cfg.keepalive), **kwargs)
+            except BaseException as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: a stop abandoned this attempt
+                self.loop.call_soon_threadsafe(_settle, opened, error)
+
+        threading.Thread(target=attempt, name="mqtt connect", daemon=True).start()
+        await opened
         await asyncio.wait_for(self.connected, cfg.connect_timeout)
 
     def subscribe_commands(self, topic: str) -> None:
@@ -216,3 +211,44 @@ class Session:
         if self.sock is not None:
             self._sock_close(self.sock)
         self.closed.set()
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return  # the waiter was cancelled (a stop)
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def new_client(cfg: UplinkConfig, client_id: str) -> mqtt.Client:
+    """A paho client with the uplink's protocol, credentials and TLS (the session's, and `edge-agent doctor`'s
+    own, which uses another client id so it never disturbs the running agent's session)."""
+    v5 = cfg.protocol == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        clean_session=None if v5 else True,
+        reconnect_on_failure=False,
+    )
+    # connect() blocks its thread (DNS, TCP, TLS): it must give up in bounded time
+    client.connect_timeout = cfg.connect_timeout
+    if cfg.username is not None:
+        password: str | None = cfg.password
+        if cfg.password_file is not None:  # read at each connection: a credential may change while we run
+            try:
+                password = read_secret(cfg.password_file)
+            except OSError as exc:  # the uplink logs it and retries; polling and storing go on
+                raise OSError(f"password_file {exc}") from None
+        client.username_pw_set(cfg.username, password)
+    if cfg.tls is not None:
+        client.tls_set(
+            ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
+            certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
+            keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+        client.tls_insecure_set(cfg.tls.insecure)
+    return client

@@ -1,5 +1,6 @@
 """OPC UA plant simulator: an asyncua server that looks like a personnel-location system (zone head counts) and a
-DCS (temperatures, pressures, levels), with security, users, bad statuses, restarts and scripted scenarios.
+DCS (temperatures, pressures, levels), with security, users, bad statuses, a wrong clock, restarts and scripted
+scenarios.
 
 It serves the nodes of every `opcua` channel of a configuration, or a fixed address space on its own. Clients may
 read, browse and subscribe but never write: values change only through this module's own API.
@@ -298,6 +299,8 @@ class OpcUaSimulator(Plant):
         self._channels: list[OpcUaChannel] = []
         self._server: Server | None = None
         self._trusted_der: set[bytes] = set()
+        self.clock_offset = dt.timedelta(0)
+        """How far the server's clock is off: added to the source and server timestamps of every value written."""
         if config is None:
             for node in default_nodes():
                 self._nodes[node.nodeid] = node
@@ -462,8 +465,11 @@ class OpcUaSimulator(Plant):
         """Every served variable's node id."""
         return list(self._nodes)
 
+    def _now(self) -> ua.DateTime:
+        return ua.DateTime.now(dt.UTC) + self.clock_offset
+
     def _datavalue(self, node: _Node) -> ua.DataValue:
-        now = ua.DateTime.now(dt.UTC)
+        now = self._now()
         value = node.value
         if node.kind == "int":
             value = int(value)
@@ -531,6 +537,11 @@ class OpcUaSimulator(Plant):
                 else node.value
         return node.value
 
+    def set_clock(self, offset: float) -> None:
+        """Run the server's clock `offset` seconds ahead (negative: behind) of the real time, as a DCS whose clock
+        was set wrong or stepped back; values written from now on carry it. 0 puts the clock right again."""
+        self.clock_offset = dt.timedelta(seconds=offset)
+
     def source_timestamp(self, key: str) -> dt.datetime | None:
         """The source timestamp the server holds for a point or node (None before the first write)."""
         return self._node(key).stamp
@@ -565,8 +576,7 @@ class OpcUaSimulator(Plant):
         server = self._server
         if server is not None:
             await server.write_attribute_value(_standard(ObjectIds.Server_ServerStatus_CurrentTime),
-                                               ua.DataValue(ua.Variant(dt.datetime.now(dt.UTC),
-                                                                       ua.VariantType.DateTime)))
+                                               ua.DataValue(ua.Variant(self._now(), ua.VariantType.DateTime)))
         # every node is written each tick, as a DCS scan would: source timestamps say the value is fresh
         for node in list(self._nodes.values()):
             try:

@@ -91,7 +91,7 @@ KNOWN_DIS: dict[int, DataFormat] = {
 
 class Dlt645Error(ProtocolError):
     """A transaction that failed with a reply; `frame` is the offending reply's bytes when there was one and
-    `kind` names the failure for programs (checksum, bad_frame, truncated, follow_up, error_reply)."""
+    `kind` names the failure for programs (checksum, bad_frame, truncated, follow_up, error_reply, bad_value)."""
 
     def __init__(self, message: str, frame: bytes = b"", kind: str = "bad_frame") -> None:
         super().__init__(message)
@@ -101,6 +101,11 @@ class Dlt645Error(ProtocolError):
 
 class FrameError(Dlt645Error):
     """Bytes that are not a valid frame (checksum, end byte, length) or a reply that does not fit the request."""
+
+
+class ValueCodingError(FrameError, ValueError):
+    """A value's data bytes that are not its BCD coding (a digit above 9, or not the format's size); also the
+    ValueError that callers of `decode_value` catch."""
 
 
 class ErrorReply(Dlt645Error):
@@ -157,13 +162,14 @@ def di_text(di: int) -> str:
     return f"{di:08X}"
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
 def parse_di(text: str) -> int:
-    if len(text) != 8:
+    # int(text, 16) alone would take spaces, a sign, 0x, underscores and other scripts' digits
+    if len(text) != 8 or not _HEX_DIGITS.issuperset(text):
         raise ValueError(f"a data identifier is 8 hex digits, not {text!r}")
-    try:
-        return int(text, 16)
-    except ValueError:
-        raise ValueError(f"a data identifier is 8 hex digits, not {text!r}") from None
+    return int(text, 16)
 
 
 def build_frame(address: str, control: int, data: bytes = b"", preamble: int = 0) -> bytes:
@@ -261,9 +267,10 @@ def _complete_frame_after(buffer: bytes | bytearray, position: int) -> bool:
 
 
 def decode_value(data: bytes, fmt: DataFormat) -> float:
-    """BCD bytes (low byte first) -> the value; ValueError if the bytes are not BCD or not the format's size."""
+    """BCD bytes (low byte first) -> the value; ValueCodingError if the bytes are not BCD or not the format's size."""
     if len(data) != fmt.size:
-        raise ValueError(f"{len(data)} data bytes where the format has {fmt.size} ({fmt.describe()})")
+        raise ValueCodingError(f"{len(data)} data bytes where the format has {fmt.size} ({fmt.describe()})",
+                               kind="bad_value")
     negative = False
     if fmt.signed and data[-1] & 0x80:
         negative = True
@@ -272,7 +279,7 @@ def decode_value(data: bytes, fmt: DataFormat) -> float:
     for byte in reversed(data):
         high, low = byte >> 4, byte & 0x0F
         if high > 9 or low > 9:
-            raise ValueError(f"not BCD: {data[::-1].hex(' ')} (most significant byte first)")
+            raise ValueCodingError(f"not BCD: {data[::-1].hex(' ')} (most significant byte first)", kind="bad_value")
         magnitude = magnitude * 100 + high * 10 + low
     value = magnitude / float(10**fmt.decimals)
     return -value if negative else value

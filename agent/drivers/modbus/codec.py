@@ -236,15 +236,23 @@ def parse_read_reply(pdu: bytes, function: int, count: int) -> bytes:
 
 
 def reply_length(pdu_head: bytes) -> int | None:
-    """Length of a read reply PDU from its first two bytes (for framings without a length field)."""
+    """Length of a read reply PDU from its first two bytes (for framings without a length field); None while
+    too few bytes are in to tell."""
+    if not pdu_head:
+        return None
     if pdu_head[0] & 0x80:
         return 2
-    return 2 + pdu_head[1]
+    return 2 + pdu_head[1] if len(pdu_head) > 1 else None
 
 
 def decode_block(block: Block, data: bytes, values: list[Any]) -> None:
-    """Write the raw value of each member point of `block` into `values`."""
-    if block.table in BIT_TABLES:
+    """Write the raw value of each member point of `block` into `values`; FrameError, and no value written,
+    when `data` is not the block's size."""
+    bits = block.table in BIT_TABLES
+    size = (block.count + 7) >> 3 if bits else block.count * 2
+    if len(data) != size:
+        raise FrameError(f"{len(data)} data bytes for {block.describe()}, which takes {size}")
+    if bits:
         for index, _, bit in block.members:
             values[index] = bool(data[bit >> 3] & (1 << (bit & 7)))
     else:
@@ -288,4 +296,7 @@ class BlockReader:
 
 
 def bits_of(data: bytes, count: int) -> Sequence[bool]:
+    """The first `count` bits of a coil/discrete reply's data; FrameError when the data holds fewer."""
+    if len(data) < (count + 7) >> 3:
+        raise FrameError(f"{len(data)} data bytes for {count} bits")
     return [bool(data[i >> 3] & (1 << (i & 7))) for i in range(count)]

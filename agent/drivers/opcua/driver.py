@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from agent.config.base import ChannelBase, DeviceBase, Duration, PointBase
+from agent.config.base import ChannelBase, DeviceBase, Duration, PointBase, Secret, SecretFile, read_secret
 from agent.core import BAD, GOOD, UNCERTAIN, DeviceRead
 from agent.drivers import registry
 from agent.errors import LinkError
@@ -134,7 +134,11 @@ class OpcUaChannel(ChannelBase):
         None, description="Pin the server's certificate (PEM or DER); any server certificate is accepted when omitted."
     )
     username: str | None = Field(None, min_length=1, description="User name; anonymous login when omitted.")
-    password: str | None = Field(None, description="Password of `username`.")
+    password: Secret | None = Field(None, description="Password of `username` (better: `password_file`).")
+    password_file: SecretFile | None = Field(
+        None, description="File holding the password of `username`, read at each connection (its final line break "
+        "dropped); may start with ${CREDENTIALS_DIRECTORY}/ (systemd's LoadCredential=). Not with `password`.",
+    )
     timeout: Duration = Field(
         5.0, gt=0, le=60, description="Longest wait to connect and open a session, and for any request to answer."
     )
@@ -153,7 +157,9 @@ class OpcUaChannel(ChannelBase):
                 raise ValueError(f"{', '.join(extra)} only apply with security: Basic256Sha256")
         elif self.certificate is None or self.private_key is None:
             raise ValueError("security Basic256Sha256 needs `certificate` and `private_key` (the client's own pair)")
-        if self.password is not None and self.username is None:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if (self.password is not None or self.password_file is not None) and self.username is None:
             raise ValueError("password is given but username is not")
         return self
 
@@ -431,7 +437,7 @@ class _Device:
     device: OpcUaDevice
     params: Any = None
     watch: _Watch | None = None
-    # what the last read returned per position: (value, status, source ts), to drop stale or repeated news
+    # what the last read returned per position: (value, status, source ts), to drop news repeated as it was
     last: dict[int, tuple[Any, int, int | None]] = field(default_factory=dict)
 
 
@@ -454,9 +460,15 @@ class OpcUaDriver:
             return
         await self.close()
         ch = self.channel
+        password = ch.password
+        if ch.password_file is not None:  # read at each connection: a credential may change while the agent runs
+            try:
+                password = read_secret(ch.password_file)
+            except OSError as exc:
+                raise OpcUaError(f"{ch.endpoint}: password_file {exc}", kind="file") from None
         self._client = await connect(
             ch.endpoint, security=ch.security, mode=ch.mode, certificate=ch.certificate, private_key=ch.private_key,
-            server_certificate=ch.server_certificate, username=ch.username, password=ch.password, timeout=ch.timeout,
+            server_certificate=ch.server_certificate, username=ch.username, password=password, timeout=ch.timeout,
         )
         client = self._client
 
@@ -602,10 +614,10 @@ class OpcUaDriver:
         for pos in sorted(pending):
             dv = pending[pos]
             key = _key(dv)
-            before = state.last.get(pos)
-            if before is not None and (key == before or (key[2] is not None and before[2] is not None
-                                                         and key[2] < before[2])):
-                continue  # the value already returned, or one older than it arriving late
+            if key == state.last.get(pos):
+                continue  # the same value, status and source timestamp again (a re-created subscription)
+            # an older source timestamp is news too: a monitored item's queue is in sampling order, so the last
+            # news is the current value whatever its time says (a clock stepped back); decode checks the time
             state.last[pos] = key
             sample = convert(dv, points[pos], now_ms, self.channel.timestamps)
             positions.append(pos)
