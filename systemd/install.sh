@@ -8,8 +8,9 @@
 #   sudo ./install.sh --uninstall     remove the service and the program; keep configuration and store
 #   sudo ./install.sh --uninstall --purge    remove those too
 #
-# EDGE_AGENT_PREFIX, EDGE_AGENT_CONF_DIR, EDGE_AGENT_STATE_DIR and EDGE_AGENT_UNIT_DIR move the four places
-# (default /opt/edge-agent, /etc/edge-agent, /var/lib/edge-agent, /etc/systemd/system).
+# EDGE_AGENT_PREFIX, EDGE_AGENT_CONF_DIR, EDGE_AGENT_STATE_DIR, EDGE_AGENT_UNIT_DIR, EDGE_AGENT_BIN_DIR and
+# EDGE_AGENT_COMPLETION_DIR move the places it writes (default /opt/edge-agent, /etc/edge-agent,
+# /var/lib/edge-agent, /etc/systemd/system, /usr/local/bin for the `edge-agent` command, /etc/bash_completion.d).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -25,7 +26,7 @@ for arg in "$@"; do
     case "$arg" in
         --uninstall) uninstall=1 ;;
         --purge) purge=1 ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $arg (see --help)" ;;
     esac
 done
@@ -40,6 +41,8 @@ if [[ $uninstall -eq 1 ]]; then
     rm -f "$UNIT_DIR/edge-agent.service"
     systemd_up && systemctl daemon-reload
     rm -rf "$PREFIX"
+    rm -f "${EDGE_AGENT_COMPLETION_DIR:-/etc/bash_completion.d}/edge-agent"
+    [[ -L "${EDGE_AGENT_BIN_DIR:-/usr/local/bin}/edge-agent" ]] && rm -f "${EDGE_AGENT_BIN_DIR:-/usr/local/bin}/edge-agent"
     if [[ $purge -eq 1 ]]; then
         rm -rf "$CONF_DIR" "$STATE_DIR"
         say "removed the service, the program, the configuration and the store"
@@ -90,6 +93,9 @@ cp "$files/README.md" "$PREFIX/README.md"
 
 install -d -m 0750 -o root -g edge-agent "$CONF_DIR"
 install -d -m 0750 -o edge-agent -g edge-agent "$STATE_DIR"
+# secrets for the unit's LoadCredential=, readable by root alone (an empty one keeps the unit startable)
+install -d -m 0700 -o root -g root "$CONF_DIR/credentials"
+[[ -e "$CONF_DIR/credentials/mqtt-password" ]] || install -m 0600 -o root -g root /dev/null "$CONF_DIR/credentials/mqtt-password"
 if [[ ! -e "$CONF_DIR/agent.yaml" ]]; then
     install -m 0640 -o root -g edge-agent "$example" "$CONF_DIR/agent.yaml"
     say "wrote $CONF_DIR/agent.yaml from the example: edit it for this site"
@@ -99,6 +105,11 @@ fi
 "$PREFIX/venv/bin/edge-agent" config check "$CONF_DIR/agent.yaml" || say "fix $CONF_DIR/agent.yaml before starting"
 mkdir -p "$UNIT_DIR"
 install -m 0644 "$unit" "$UNIT_DIR/edge-agent.service"
+ln -sfn "$PREFIX/venv/bin/edge-agent" "${EDGE_AGENT_BIN_DIR:-/usr/local/bin}/edge-agent" 2>/dev/null || true
+completion=${EDGE_AGENT_COMPLETION_DIR:-/etc/bash_completion.d}
+if [[ -d "$completion" ]]; then  # tab completion of commands and options (click's)
+    _EDGE_AGENT_COMPLETE=bash_source "$PREFIX/venv/bin/edge-agent" > "$completion/edge-agent" || true
+fi
 if systemd_up; then
     systemctl daemon-reload
     systemctl is-active --quiet edge-agent && systemctl restart edge-agent && say "restarted the running agent"

@@ -58,7 +58,10 @@ def test_the_bundle_installs_into_a_fresh_venv_with_no_network(bundle: Path, tmp
 @pytest.mark.skipif(os.geteuid() != 0, reason="install.sh creates the service user: root only")
 def test_install_sh_installs_upgrades_and_uninstalls_keeping_config_and_store(bundle: Path, tmp_path: Path) -> None:
     places = {"EDGE_AGENT_PREFIX": tmp_path / "opt", "EDGE_AGENT_CONF_DIR": tmp_path / "etc",
-              "EDGE_AGENT_STATE_DIR": tmp_path / "var", "EDGE_AGENT_UNIT_DIR": tmp_path / "units"}
+              "EDGE_AGENT_STATE_DIR": tmp_path / "var", "EDGE_AGENT_UNIT_DIR": tmp_path / "units",
+              "EDGE_AGENT_BIN_DIR": tmp_path / "bin", "EDGE_AGENT_COMPLETION_DIR": tmp_path / "completion"}
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "completion").mkdir()
     env = {**os.environ, **{k: str(v) for k, v in places.items()}}
 
     def install(*args: str) -> str:
@@ -71,6 +74,8 @@ def test_install_sh_installs_upgrades_and_uninstalls_keeping_config_and_store(bu
     config = tmp_path / "etc" / "agent.yaml"
     assert config.exists() and (tmp_path / "units" / "edge-agent.service").exists()
     assert oct(config.stat().st_mode & 0o777) == "0o640"
+    assert "complete" in (tmp_path / "completion" / "edge-agent").read_text(), "bash completion installed"
+    assert (tmp_path / "bin" / "edge-agent").is_symlink()
     assert subprocess.run([str(tmp_path / "opt" / "venv" / "bin" / "edge-agent"), "--version"]).returncode == 0
     config.write_text(config.read_text() + "# this site's edits\n")
     (tmp_path / "var" / "store.db").write_bytes(b"the site's store")

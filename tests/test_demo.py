@@ -82,3 +82,22 @@ def test_demo_refuses_a_malformed_broker_address() -> None:
     )
     assert result.returncode == 1
     assert "--broker must be HOST:PORT" in result.stderr
+
+
+@pytest.mark.timeout(600)
+def test_the_demo_runs_from_a_runtime_only_install_of_the_checkout(tmp_path: Path) -> None:
+    """What scripts/demo.sh installs — the agent and its tooling, no test extras — runs the demo to exit 0, from a
+    folder outside the checkout (a new user's first command)."""
+    root = Path(__file__).resolve().parent.parent
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
+                              str(root), str(root / "devtools")], capture_output=True, text=True, timeout=400)
+    assert install.returncode == 0, install.stderr[-3000:]
+    has_test_tools = subprocess.run([str(venv / "bin" / "python"), "-c", "import pytest"], capture_output=True)
+    assert has_test_tools.returncode != 0, "a runtime-only install must not carry the test extras"
+    summary = tmp_path / "summary.json"
+    run = subprocess.run([str(venv / "bin" / "edge-agent"), "demo", "--duration", "30", "--summary-json",
+                          str(summary)], capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert_everything_delivered(json.loads(summary.read_text(encoding="utf-8")))

@@ -9,14 +9,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 from agent.cli.base import _CONFIG_OPTION, _SOCKET_OPTION, _ask, _fail, _socket_of, main
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 BACKLOG_TOO_OLD_S = 600.0  # an undelivered reading older than this means the uplink is not keeping up
 STORE_NEARLY_FULL = 0.9  # share of store.max_mb
@@ -48,13 +48,22 @@ def _emit(data: dict[str, Any], table: Table | None, as_json: bool, bad: bool) -
     if as_json:
         click.echo(json.dumps({**data, "bad": bad}, ensure_ascii=False))
     else:
+        from rich.console import Console
+
         assert table is not None
         Console().print(table)
     sys.exit(1 if bad else 0)
 
 
+def _table(title: str, **options: Any) -> Table:
+    """A rich table; rich is imported here, not when the daemon starts (it never prints tables)."""
+    from rich.table import Table
+
+    return Table(title=title, **options)
+
+
 def _points_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"{result['count']} point(s)")
+    table = _table(title=f"{result['count']} point(s)")
     for column in ("point", "device", "value", "unit", "quality", "age", "alarms"):
         table.add_column(column, justify="right" if column in ("value", "age") else "left")
     for p in result["points"]:
@@ -84,6 +93,8 @@ def points(device: str | None, only_bad: bool, watch: bool, as_json: bool, confi
     """
     request = {"cmd": "points", "device": device, "bad": only_bad}
     if watch and not as_json:
+        from rich.live import Live
+
         with Live(_points_table(_query(config_path, socket, request)), refresh_per_second=2) as live:
             try:
                 while True:
@@ -112,7 +123,7 @@ def channels(as_json: bool, config_path: Path, socket: Path | None) -> None:
     Exits 1 when a link is down or a device is not answering.
     """
     result = _query(config_path, socket, {"cmd": "channels"})
-    table = Table(title="channels")
+    table = _table("channels")
     for column in ("channel", "link", "device", "state", "last good", "failures", "round trip", "back-off",
                    "polls/errors", "last error"):
         table.add_column(column)
@@ -154,7 +165,7 @@ def buffer(max_age: float, as_json: bool, config_path: Path, socket: Path | None
         problems.append(f"{dropped['evicted_readings']} undelivered readings were evicted for space")
     if store["memory_only"]:
         problems.append(f"memory only: {store['memory_only']}")
-    table = Table(title="buffer", show_header=False)
+    table = _table("buffer", show_header=False)
     table.add_column("what")
     table.add_column("value")
     rows = [

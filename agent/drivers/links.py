@@ -32,7 +32,48 @@ def _keep_newest(buffer: bytearray, data: bytes) -> int:
     return 0
 
 
-class SerialLink:
+class _Input:
+    """Unread input of a link: what arrived piles up here (bounded) and a transaction takes it by count."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._arrived = asyncio.Event()
+        self._lost: BaseException | None = None
+        self.overflowed = 0  # bytes dropped because more arrived than MAX_UNREAD between reads
+
+    def _check(self) -> None:
+        raise NotImplementedError
+
+    def _received(self, data: bytes) -> None:
+        self.overflowed += _keep_newest(self._buffer, data)
+        self._arrived.set()
+
+    async def read(self, nbytes: int, deadline: float) -> bytes:
+        """Wait until `nbytes` are there and take them; TimeoutError at `deadline` (loop time) keeps the partial."""
+        loop = asyncio.get_running_loop()
+        while len(self._buffer) < nbytes:
+            self._check()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise NoReply(f"{len(self._buffer)} of {nbytes} bytes before the deadline")
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        data = bytes(self._buffer[:nbytes])
+        del self._buffer[:nbytes]
+        return data
+
+    def discard_input(self) -> bytes:
+        """Drop (and return) whatever arrived so far: stale bytes must not be taken for the next reply."""
+        stale = bytes(self._buffer)
+        self._buffer.clear()
+        return stale
+
+    def peek(self) -> bytes:
+        return bytes(self._buffer)
+
+
+class SerialLink(_Input):
     def __init__(
         self, port: str, *, baudrate: int = 9600, bytesize: int = 8, parity: str = "N", stopbits: float = 1
     ) -> None:
@@ -45,10 +86,7 @@ class SerialLink:
         self.stopbits = stopbits
         self._serial: Any = None
         self._fd: int | None = None
-        self._buffer = bytearray()
-        self._arrived = asyncio.Event()
-        self._lost: BaseException | None = None
-        self.overflowed = 0  # bytes dropped because more arrived than MAX_UNREAD between reads
+        super().__init__()
 
     @property
     def is_open(self) -> bool:
@@ -91,8 +129,7 @@ class SerialLink:
         if not data:
             self._mark_lost(EOFError("end of file on the serial port"))
             return
-        self.overflowed += _keep_newest(self._buffer, data)
-        self._arrived.set()
+        self._received(data)
 
     def _mark_lost(self, exc: BaseException) -> None:
         self._lost = exc
@@ -118,12 +155,6 @@ class SerialLink:
         self._fd = None
         self._buffer.clear()
 
-    def discard_input(self) -> bytes:
-        """Drop (and return) whatever arrived so far: stale bytes must not be taken for the next reply."""
-        stale = bytes(self._buffer)
-        self._buffer.clear()
-        return stale
-
     async def write(self, data: bytes) -> None:
         """Send bytes and wait until they have left on the wire at the configured speed."""
         self._check()
@@ -133,21 +164,6 @@ class SerialLink:
             self._mark_lost(exc)
             self._check()
         await asyncio.sleep(self.wire_time(len(data)))
-
-    async def read(self, nbytes: int, deadline: float) -> bytes:
-        """Wait until `nbytes` are there and take them; TimeoutError at `deadline` (loop time) keeps the partial."""
-        loop = asyncio.get_running_loop()
-        while len(self._buffer) < nbytes:
-            self._check()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise NoReply(f"{len(self._buffer)} of {nbytes} bytes before the deadline")
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-        data = bytes(self._buffer[:nbytes])
-        del self._buffer[:nbytes]
-        return data
 
     async def read_quiet(self, gap: float, deadline: float) -> bytes:
         """Everything that arrives until the line has been quiet for `gap` seconds (or the deadline)."""
@@ -167,8 +183,6 @@ class SerialLink:
         self._buffer.clear()
         return data
 
-    def peek(self) -> bytes:
-        return bytes(self._buffer)
 
 
 class ByteLink(Protocol):
@@ -192,7 +206,7 @@ class ByteLink(Protocol):
     def peek(self) -> bytes: ...
 
 
-class TcpLink(asyncio.Protocol):
+class TcpLink(_Input, asyncio.Protocol):
     """A TCP socket with SerialLink's reading interface: bytes pile up in a buffer a transaction reads by count."""
 
     def __init__(self, host: str, port: int, connect_timeout: float) -> None:
@@ -200,10 +214,7 @@ class TcpLink(asyncio.Protocol):
         self.port = port
         self.connect_timeout = connect_timeout
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._arrived = asyncio.Event()
-        self._lost: BaseException | None = None
-        self.overflowed = 0  # bytes dropped because more arrived than MAX_UNREAD between reads
+        super().__init__()
 
     @property
     def is_open(self) -> bool:
@@ -226,8 +237,7 @@ class TcpLink(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self.overflowed += _keep_newest(self._buffer, data)
-        self._arrived.set()
+        self._received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc or EOFError("closed by the device server")
@@ -250,25 +260,3 @@ class TcpLink(asyncio.Protocol):
         assert self._transport is not None
         self._transport.write(data)
 
-    async def read(self, nbytes: int, deadline: float) -> bytes:
-        """Wait until `nbytes` are there and take them; TimeoutError at `deadline` (loop time) keeps the partial."""
-        loop = asyncio.get_running_loop()
-        while len(self._buffer) < nbytes:
-            self._check()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise NoReply(f"{len(self._buffer)} of {nbytes} bytes before the deadline")
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-        data = bytes(self._buffer[:nbytes])
-        del self._buffer[:nbytes]
-        return data
-
-    def discard_input(self) -> bytes:
-        stale = bytes(self._buffer)
-        self._buffer.clear()
-        return stale
-
-    def peek(self) -> bytes:
-        return bytes(self._buffer)

@@ -137,9 +137,11 @@ class Uplink:
         while not self._stopping:
             try:
                 session = Session(self)
-            except (OSError, ValueError) as exc:  # e.g. a TLS file missing: keep polling, retry later
-                self.last_error = f"cannot set up the connection: {exc}"
-                log.error("uplink: %s; retry in %.1fs", self.last_error, delay)
+            except (OSError, ValueError) as exc:  # e.g. a TLS or password file missing: keep polling, retry later
+                error = f"cannot set up the connection: {exc}"
+                if error != self.last_error:  # once per change, not at every retry
+                    log.error("uplink: %s; retrying, logged again when it changes", error)
+                self.last_error = error
                 await self._sleep_unless_stopping(delay)
                 delay = min(delay * 2, self.cfg.reconnect_max)
                 continue
