@@ -101,3 +101,51 @@ def test_the_demo_runs_from_a_runtime_only_install_of_the_checkout(tmp_path: Pat
                           str(summary)], capture_output=True, text=True, timeout=150, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert_everything_delivered(json.loads(summary.read_text(encoding="utf-8")))
+
+
+@pytest.mark.timeout(180)
+def test_the_field_commands_answer_against_the_demo_site(tmp_path: Path) -> None:
+    """points, channels, buffer, doctor and support-bundle against the agent the demo runs, with the demo's own
+    configuration (all four protocols)."""
+    import re
+    import time
+
+    demo = subprocess.Popen([sys.executable, "-m", "agent", "demo", "--duration", "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert demo.stdout is not None
+    try:
+        workdir = None
+        for line in demo.stdout:  # the demo names its folder when it starts the agent
+            found = re.search(r"agent: pid \d+, log (\S+)/agent\.log", line)
+            if found:
+                workdir = Path(found.group(1))
+                break
+        assert workdir is not None, "the demo did not start the agent"
+        config = str(workdir / "agent.yaml")
+
+        def ask(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "agent", *args, "--config", config], capture_output=True,
+                                  text=True, timeout=60)
+
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:  # until every protocol's device has answered once
+            run = ask("channels", "--json")
+            if run.stdout and all(d["last_good_ts"] for c in json.loads(run.stdout)["channels"]
+                                  for d in c["devices"]):
+                break
+            time.sleep(0.5)
+        channels = json.loads(ask("channels", "--json").stdout)["channels"]
+        assert {c["driver"] for c in channels} == PROTOCOLS
+        points = json.loads(ask("points", "--json").stdout)
+        assert points["count"] > 10 and any(p["quality"] == "good" for p in points["points"])
+        buffer = ask("buffer", "--json")
+        assert json.loads(buffer.stdout)["store"]["path"].endswith("store.db")
+        doctor = json.loads(ask("doctor", "--json").stdout)
+        names = {c["name"]: c["verdict"] for c in doctor["checks"]}
+        assert names["config"] == "ok" and names["broker MQTT"] == "ok", doctor
+        bundle = subprocess.run([sys.executable, "-m", "agent", "support-bundle", "--config", config, "--output",
+                                 str(tmp_path / "b.tar.gz")], capture_output=True, text=True, timeout=90)
+        assert bundle.returncode == 0, bundle.stderr
+    finally:
+        demo.terminate()
+        demo.wait(60)
