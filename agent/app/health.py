@@ -71,6 +71,7 @@ class Reports:
                 "pruned_readings": self.upkeep.pruned,
                 "recovered": self.store.recovered,
                 "memory_only": self.store.fallback_reason,
+                "damaged_messages": int(self.store.meta("damaged_messages", 0) or 0),
             },
             **self._field(),
             "counters": {"readings_in": self.pipeline.readings_in, "alarm_events": self.pipeline.events_out,
