@@ -23,6 +23,8 @@ class Quality(IntEnum):
 GOOD, UNCERTAIN, BAD = int(Quality.GOOD), int(Quality.UNCERTAIN), int(Quality.BAD)
 QUALITY_NAMES = ("good", "uncertain", "bad")
 QUALITY_CODES = {name: code for code, name in enumerate(QUALITY_NAMES)}
+# why a reading is not good (the `reason` of a reading on the wire; docs/protocol.md)
+REASONS = ("frozen", "spike", "range_end", "out_of_range", "device_ts", "comm")
 
 
 class MessageKind(IntEnum):
@@ -45,18 +47,24 @@ class AckState(IntEnum):
 
 
 class ReadingBatch:
-    """The readings of one device poll: parallel lists and one sample time, or one per reading in `stamps`."""
+    """The readings of one device poll: parallel lists and one sample time, or one per reading in `stamps`.
 
-    __slots__ = ("indices", "qualities", "stamps", "ts", "values")
+    `reasons`, when not None, says why each reading that is not `good` is so (a short code of REASONS, None for
+    a good reading); a batch with every reading good carries None.
+    """
+
+    __slots__ = ("indices", "qualities", "reasons", "stamps", "ts", "values")
 
     def __init__(
-        self, ts: int, indices: list[int], values: list[Any], qualities: list[int], stamps: list[int] | None = None
+        self, ts: int, indices: list[int], values: list[Any], qualities: list[int], stamps: list[int] | None = None,
+        reasons: list[str | None] | None = None,
     ) -> None:
         self.ts = ts
         self.indices = indices
         self.values = values
         self.qualities = qualities
         self.stamps = stamps
+        self.reasons = reasons
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -67,7 +75,18 @@ class ReadingBatch:
 
     def slice(self, start: int, end: int) -> ReadingBatch:
         stamps = self.stamps[start:end] if self.stamps is not None else None
-        return ReadingBatch(self.ts, self.indices[start:end], self.values[start:end], self.qualities[start:end], stamps)
+        reasons = self.reasons[start:end] if self.reasons is not None else None
+        return ReadingBatch(self.ts, self.indices[start:end], self.values[start:end], self.qualities[start:end], stamps,
+                            reasons)
+
+    def set_reason(self, n: int, quality: int, reason: str) -> None:
+        """Mark reading n as `quality` (uncertain or bad) for `reason`; a worse quality already set stays."""
+        if quality > self.qualities[n]:
+            self.qualities[n] = quality
+        if self.reasons is None:
+            self.reasons = [None] * len(self.indices)
+        if self.reasons[n] is None:
+            self.reasons[n] = reason
 
 
 class DeviceRead:

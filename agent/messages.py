@@ -3,7 +3,8 @@ reading a stored body back.
 
 A stored message keeps its body without `v`, `seq` and `hist`; `frame` adds them when it is published, so one
 stored body serves both a live send and a backlog replay. The pipeline writes bodies, the store reads them
-back (history, archive recovery) and the uplink frames them: this module is the only one that knows the text.
+back (history, archive recovery) and the uplink frames them: this module (with agent.compact for version 2)
+is the only one that knows the text. A body tells its own version: a compact one begins with `"map":`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ from typing import Any
 
 import orjson
 
-from agent.config.points import PointInfo
-from agent.core import QUALITY_CODES, QUALITY_NAMES, AlarmEvent, ReadingBatch
+from agent.compact import PREFIX, TS_MAX, TS_MIN, CompactEncoder, MapLookup, read_compact
+from agent.config.points import PointInfo, PointTable
+from agent.core import GOOD, QUALITY_CODES, QUALITY_NAMES, REASONS, AlarmEvent, ReadingBatch
 
+ENCODINGS = ("json", "compact")
 _QUALITY_TAIL = tuple(f',"quality":"{name}"}}' for name in QUALITY_NAMES)
+# a reading that is not good and says why: its reason follows its quality
+_REASON_TAIL: dict[tuple[int, str | None], str] = {(code, reason): f',"quality":"{name}","reason":"{reason}"}}'
+                for code, name in enumerate(QUALITY_NAMES) if code != GOOD for reason in REASONS}
 
 
 def identity_fields(agent: str, enterprise: str) -> str:
@@ -42,6 +48,7 @@ def data_body(identity: str, points: list[PointInfo], batches: list[ReadingBatch
     for batch in batches:
         stamps = [str(t) for t in batch.stamps] if batch.stamps is not None else None
         ts = str(batch.ts)
+        reasons = batch.reasons
         for n, (index, value, quality) in enumerate(zip(batch.indices, batch.values, batch.qualities, strict=True)):
             info = points[index]
             if stamps is not None:
@@ -56,9 +63,41 @@ def data_body(identity: str, points: list[PointInfo], batches: list[ReadingBatch
                 text = info.json_float % value
             else:
                 text = _value_json(info, value)
-            append(f"{info.json_head}{ts},\"value\":{text}{_QUALITY_TAIL[quality]}")
+            tail = _QUALITY_TAIL[quality]
+            if reasons is not None and quality:
+                tail = _REASON_TAIL.get((quality, reasons[n]), tail)
+            append(f"{info.json_head}{ts},\"value\":{text}{tail}")
     body = identity + '"readings":[' + ",".join(parts) + "]}"
     return body.encode(), len(parts)
+
+
+class DataEncoder:
+    """Stored bodies of `data` messages in the configured encoding: `json` (version 1, readings by point id) or
+    `compact` (version 2, agent.compact: positions in a point map). Build it once the point table is complete
+    (derived points added): the map numbers the points it was built with."""
+
+    def __init__(self, identity: str, table: PointTable, encoding: str = "json") -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown data encoding {encoding!r}: one of {', '.join(ENCODINGS)}")
+        self.encoding = encoding
+        self._identity = identity
+        self._points = table.points
+        self._compact = CompactEncoder(identity, table) if encoding == "compact" else None
+
+    @property
+    def map_id(self) -> str | None:
+        """The id of the point map compact bodies refer to; None with `json`."""
+        return self._compact.map.id if self._compact is not None else None
+
+    def map_message(self) -> bytes:
+        """The point map as published on `map/{id}` (empty with `json`, which needs none)."""
+        return self._compact.map.message(self._identity) if self._compact is not None else b""
+
+    def body(self, batches: list[ReadingBatch]) -> tuple[bytes, int]:
+        """The stored body of one `data` message and the number of readings in it."""
+        if self._compact is not None:
+            return self._compact.body(batches)
+        return data_body(self._identity, self._points, batches)
 
 
 def alarm_body(identity: str, event: AlarmEvent) -> bytes:
@@ -82,8 +121,9 @@ def alarm_body(identity: str, event: AlarmEvent) -> bytes:
 
 
 def frame(seq: int, hist: bool, body: bytes) -> bytes:
-    """The published payload: the versioned header, then the stored body."""
-    return b'{"v":1,"seq":%d,"hist":%s,%s' % (seq, b"true" if hist else b"false", body)
+    """The published payload: the versioned header (version 2 for a compact body), then the stored body."""
+    version = 2 if body.startswith(PREFIX) else 1
+    return b'{"v":%d,"seq":%d,"hist":%s,%s' % (version, seq, b"true" if hist else b"false", body)
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -101,26 +141,29 @@ def read_body(body: bytes) -> dict[str, Any]:
     return message
 
 
-# a reading's time must be one a calendar can name (0001..9999): the archive's chunks and the history command
-# both rely on it, and a tampered body must not smuggle in a time that overflows them
-_TS_MIN = -62_135_596_800_000
-_TS_MAX = 253_402_300_799_999
 _VALUE_TYPES = (bool, int, float)
+_REASONS = frozenset(REASONS)
 
 
-def read_readings(body: bytes) -> list[tuple[str, int, Any, int]] | None:
+def read_readings(body: bytes, maps: MapLookup | None = None) -> list[tuple[str, int, Any, int]] | None:
     """The readings of a stored `data` body as (point, ts, value, quality code); None when it is damaged.
 
-    Never raises, on any bytes. A body is damaged when it is not a JSON object with a `readings` list, or when
-    any one of its readings is not what `data_body` writes: an object whose `point` is a string, `ts` an integer
-    (not a bool) from year 1 to 9999 in ms, `value` null, a bool or a number (not a string, list or object), and
-    `quality` one of the quality names. One such reading makes the whole body damaged, not just that reading:
-    this agent did not write it as it is, so none of it is trusted, and the callers report it once.
+    Never raises, on any bytes (unless `maps` does). A version 1 body is damaged when it is not a JSON object
+    with a `readings` list, or when any one of its readings is not what `data_body` writes: an object whose
+    `point` is a string, `ts` an integer (not a bool) from year 1 to 9999 in ms, `value` null, a bool or a number
+    (not a string, list or object), `quality` one of the quality names, and `reason`, if there, one of the reason
+    codes on a reading that is not good. One such reading makes the whole body damaged, not just that reading:
+    this agent did not write it as it is, so none of it is trusted, and the callers report it once. A compact
+    body (version 2) is read with its point map, which `maps` looks up by id (the store's `point_map`);
+    without it, or with a map it does not know, the body counts as damaged (agent.compact.read_compact).
     """
     try:
-        readings = read_body(body)["readings"]
-    except (ValueError, KeyError):
+        message = read_body(body)
+    except ValueError:
         return None
+    if body.startswith(PREFIX):
+        return read_compact(message, maps)
+    readings = message.get("readings")
     if not isinstance(readings, list):
         return None
     out: list[tuple[str, int, Any, int]] = []
@@ -129,12 +172,14 @@ def read_readings(body: bytes) -> list[tuple[str, int, Any, int]] | None:
         if not isinstance(r, dict) or "value" not in r:
             return None
         point, ts, value, quality = r.get("point"), r.get("ts"), r["value"], r.get("quality")
-        if type(point) is not str or type(ts) is not int or not _TS_MIN <= ts <= _TS_MAX:
+        if type(point) is not str or type(ts) is not int or not TS_MIN <= ts <= TS_MAX:
             return None
         if value is not None and type(value) not in _VALUE_TYPES:
             return None
         code = QUALITY_CODES.get(quality) if type(quality) is str else None
         if code is None:
+            return None
+        if "reason" in r and (code == GOOD or type(r["reason"]) is not str or r["reason"] not in _REASONS):
             return None
         append((point, ts, value, code))
     return out

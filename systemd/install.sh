@@ -93,6 +93,11 @@ cp "$files/README.md" "$PREFIX/README.md"
 
 install -d -m 0750 -o root -g edge-agent "$CONF_DIR"
 install -d -m 0750 -o edge-agent -g edge-agent "$STATE_DIR"
+# the agent's signing key, made once and kept over upgrades (the platform registers its public key)
+if [[ ! -e "$STATE_DIR/agent-key.pem" ]]; then
+    "$PREFIX/venv/bin/edge-agent" keys init --dir "$STATE_DIR" || die "creating the agent's signing key failed (see above)"
+    chown edge-agent:edge-agent "$STATE_DIR/agent-key.pem"
+fi
 # secrets for the unit's LoadCredential=, readable by root alone (an empty one keeps the unit startable)
 install -d -m 0700 -o root -g root "$CONF_DIR/credentials"
 [[ -e "$CONF_DIR/credentials/mqtt-password" ]] || install -m 0600 -o root -g root /dev/null "$CONF_DIR/credentials/mqtt-password"

@@ -17,7 +17,7 @@ import pytest
 from agent.core import KIND_DATA
 from agent.messages import read_readings
 from agent.store import Store
-from agent.store.archive import ArchiveBuffer, ChunkError, decode_chunk, encode_chunk
+from agent.store.chunks import ArchiveBuffer, ChunkError, decode_chunk, encode_chunk
 
 
 def f32(x: float) -> float:
@@ -235,3 +235,53 @@ def test_history_leaves_out_a_damaged_message_and_keeps_the_rest(tmp_path: Path)
         store.append(KIND_DATA, 1, b'"readings":[{"point":"LT-1","ts":1000,"value":{"x":1},"quality":"good"}]}')
         store.append(KIND_DATA, 1, b'"readings":[{"point":"LT-1","ts":2000,"value":2.0,"quality":"bad"}]}')
         assert [(s.ts, s.value, s.quality) for s in store.history("LT-1", 0, 10**12)] == [(2000, 2.0, 2)]
+
+
+def test_whole_polls_kept_as_columns_come_back_per_point_with_bad_and_odd_values() -> None:
+    ids = ["P0", "P1", "P2"]
+    buffer = ArchiveBuffer(ids)
+    buffer.add_poll(0, 1000, [1.5, True, None], [0, 0, 2])
+    buffer.add_poll(0, 2000, [2.5, False, 10**400], [0, 0, 1])  # an int no float holds is kept as missing
+    buffer.add_poll(0, 3000, [f32(3.3), 1, 7], [1, 0, 0])
+    assert buffer.count == 9
+    rows = {key: (start, end, count, decode_chunk(chunk)) for key, start, end, count, chunk in buffer.take()}
+    assert buffer.count == 0
+    assert rows["P0"][:3] == (1000, 3000, 3)
+    assert [(s.ts, s.value, s.quality) for s in rows["P0"][3]] == [(1000, 1.5, 0), (2000, 2.5, 0), (3000, f32(3.3), 1)]
+    assert [s.value for s in rows["P1"][3]] == [1.0, 0.0, 1.0]
+    assert [(s.value, s.quality) for s in rows["P2"][3]] == [(None, 2), (None, 1), (7.0, 0)]
+
+
+def test_columns_meet_readings_of_their_own_time_and_a_clock_stepping_back() -> None:
+    buffer = ArchiveBuffer(["A", "B"])
+    buffer.add_poll(0, 5000, [5.0, 50.0], [0, 0])
+    buffer.add_poll(0, 4000, [4.0, 40.0], [0, 0])  # the wall clock stepped back between two polls
+    buffer.add("A", 4500, 4.5, 1)  # a reading with its own time for a point also polled whole
+    buffer.add_poll(0, 6000, [6.0, 60.0], [0, 0])
+    rows = {key: decode_chunk(chunk) for key, _, _, _, chunk in buffer.take()}
+    assert [(s.ts, s.value) for s in rows["A"]] == [(4000, 4.0), (4500, 4.5), (5000, 5.0), (6000, 6.0)]
+    assert [s.ts for s in rows["B"]] == [4000, 5000, 6000]
+
+
+def test_a_device_whose_point_list_changes_keeps_its_earlier_polls() -> None:
+    buffer = ArchiveBuffer(["A", "B", "C"])
+    buffer.add_poll(0, 1000, [1.0, 2.0], [0, 0])
+    buffer.add_poll(0, 2000, [1.5, 2.5, 3.5], [0, 0, 0])
+    assert buffer.count == 5
+    rows = {key: [s.value for s in decode_chunk(chunk)] for key, _, _, _, chunk in buffer.take()}
+    assert rows == {"A": [1.0, 1.5], "B": [2.0, 2.5], "C": [3.5]}
+
+
+def test_columns_encode_exactly_as_a_point_alone_would() -> None:
+    rng = random.Random(5)
+    buffer = ArchiveBuffer([f"P{k}" for k in range(4)])
+    columns: list[list[float]] = [[] for _ in range(4)]
+    stamps = [1_764_331_200_000 + 1000 * i + rng.randint(0, 3) for i in range(60)]
+    for ts in stamps:
+        poll = [f32(rng.uniform(0, 100)) if k % 2 else rng.uniform(0, 100) for k in range(4)]
+        for k in range(4):
+            columns[k].append(poll[k])
+        buffer.add_poll(0, ts, poll, [0] * 4)
+    for key, _, _, _, chunk in buffer.take():
+        k = int(key[1:])
+        assert chunk == encode_chunk(array("q", stamps), array("d", columns[k]), bytes(60))

@@ -423,3 +423,43 @@ def test_opcua_password_file_is_read_when_the_session_opens(tmp_path: Path, monk
     with pytest.raises(opcua.OpcUaError, match="stop here"):
         asyncio.run(opcua.OpcUaDriver(channel).open())
     assert given == ["s3cret"]
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_the_daemon_loads_a_file_apart_and_gets_the_same_configuration(path: Path) -> None:
+    from agent.config.loader import load_config_apart
+
+    assert load_config_apart(path) == load_config(path)
+
+
+def test_errors_of_a_file_loaded_apart_keep_their_paths(tmp_path: Path) -> None:
+    from agent.config.loader import load_config_apart
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('agent: {id: a1, enterprise: "e1"}\nchannels:\n  - id: c1\n    driver: modbus_tcp\n'
+                   '    host: 127.0.0.1\n    devices: [{id: d1, points: [{id: P1, address: -3}]}]\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config_apart(bad)
+    assert caught.value.source == str(bad)
+    assert any(e.startswith("channels[0].devices[0].points[0].address:") for e in caught.value.errors)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config_apart(tmp_path / "missing.yaml")
+
+
+def test_a_configuration_written_as_json_reads_as_its_yaml_does(tmp_path: Path) -> None:
+    for path in SHIPPED_CONFIGS:
+        as_json = tmp_path / f"{path.stem}.json"
+        as_json.write_text(json.dumps(load_config(path).model_dump(mode="json", exclude_unset=True)))
+        assert load_config(as_json).model_dump() == load_config(path).model_dump(), path.name
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ('{"agent": {"id": "a", "enterprise": "e"}, "agent": {}}', "JSON: duplicate key 'agent'"),
+    ('{"agent": {"id": "a",\n "enterprise": }}', "line 2, column 16: JSON syntax error: Expecting value"),
+    ('{"x": ' + "[" * 100 + "]" * 100 + "}", "nested deeper than 64 levels"),
+    ('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 64 levels"),
+])
+def test_a_json_configuration_gets_the_same_clear_errors(text: str, error: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert any(error in line for line in caught.value.errors), caught.value.errors

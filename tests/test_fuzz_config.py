@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import math
 import tracemalloc
 import typing
@@ -287,3 +288,21 @@ def test_every_seed_with_its_secrets_is_valid(path: Any) -> None:
     assert isinstance(outcome, AgentConfig), shown(outcome)
     assert SECRET_TEXT not in repr(outcome)
     assert typing.cast(Any, outcome).uplink.password == SECRET_TEXT
+
+
+# --- JSON, read by its own fast path --------------------------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=30)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["agent", "uplink", "channels", "store", "x"]), _json_values, max_size=4),
+       st.text(max_size=40))
+def test_json_documents_and_their_damaged_forms_load_or_are_refused(document: dict[str, Any], tail: str) -> None:
+    text = json.dumps(document)
+    loads_or_refuses(text)
+    loads_or_refuses(text[: len(text) // 2] + tail)  # cut and garbled
+    loads_or_refuses("{" + text[1:].replace(",", ", \"agent\": 1,", 1))  # a key given twice, maybe

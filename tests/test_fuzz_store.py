@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from agent.messages import read_body, read_readings
-from agent.store.archive import ChunkError, Sample, decode_chunk, encode_chunk
+from agent.store.chunks import ChunkError, Sample, decode_chunk, encode_chunk
 from agent.store.history import TS_MAX, TS_MIN, HistoryError, parse_time
 
 # a long run takes minutes a test: no per-test time limit then

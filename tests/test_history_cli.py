@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from agent.cli.main import main
 from agent.store import Store
-from agent.store.archive import ArchiveBuffer
+from agent.store.chunks import ArchiveBuffer
 from agent.store.history import HistoryError, parse_time, read_history
 
 

@@ -14,10 +14,11 @@ AGENT = ROOT / "agent"
 # lowest first; a module may import only from its own layer or a lower one
 LAYERS: list[tuple[str, ...]] = [
     ("agent.core", "agent.errors"),
-    ("agent.config.base", "agent.config.yaml_stream", "agent.rules.gas"),  # gas: the standard's set points
+    ("agent.config.base", "agent.config.yaml_stream", "agent.rules.gas",  # gas: the standard's set points
+     "agent.trust"),  # keys and signatures: the configuration validates keys, control checks signed commands
     ("agent.drivers",),
     ("agent.config",),  # the whole configuration: it gathers the drivers' channel models
-    ("agent.rules", "agent.messages"),
+    ("agent.rules", "agent.messages", "agent.compact"),
     ("agent.store",),
     ("agent.pipeline", "agent.uplink"),
     ("agent.control",),

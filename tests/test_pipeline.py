@@ -144,3 +144,21 @@ def test_on_off_points_stay_booleans_after_a_recovery_started_by_upkeep(tmp_path
         pipeline.archive_flush()
         assert [repr(s.value) for s in store.history("SW-1", 0, 10_000)] == ["True"]  # not 1.0
         assert [repr(s.value) for s in store.history("LT-101", 0, 10_000)] == ["1.0"]
+
+
+def test_a_flush_cut_short_by_a_crash_is_not_archived_twice(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(config(), store)
+        for n in range(5):
+            pipeline.ingest(batch(1000 * (n + 1), [1.0 + n, 2.0 + n, n % 2 == 0]))
+        pipeline.flush()
+        # the first transaction of a flush is written, then the agent is killed: the mark never moves
+        rows = list(pipeline.archive.take())
+        store.write_chunks(rows[:1], None)
+        assert store.archive_partial()
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(config(), store)
+        assert pipeline.recover_archive() == 10  # the five readings of the point already written are not added
+        assert not store.archive_partial()
+        for point in ("LT-101", "LT-102", "SW-1"):
+            assert [s.ts for s in store.history(point, 0, 10_000)] == [1000, 2000, 3000, 4000, 5000], point

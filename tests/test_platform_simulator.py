@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,16 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from simulators.platform import (
+    COMPACT_SCHEMAS,
     KINDS,
+    DataDecoder,
     PlatformSimulator,
     PlatformSimulatorError,
     Reading,
     _FastDataCheck,
+    count_readings,
     load_validators,
+    map_id_of,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,6 +221,62 @@ def test_invalid_and_non_json_messages_are_rejected_and_not_kept(
 
 
 @pytest.mark.timeout(30)
+def test_compact_data_wait_for_their_map_and_read_as_version_1_would(
+    platform: PlatformSimulator, publish: Publish, prefix: str
+) -> None:
+    root = f"{prefix}/{ENTERPRISE}/{AGENT}"
+    devices = [{"id": "plc1", "channel": "tankfarm", "points": ["LT-101", "XV-101"]},
+               {"id": "gd-3", "channel": "gas-bus", "points": ["GT-201"]}]
+    map_id = map_id_of(devices)
+    the_map = {"v": 2, "agent": AGENT, "enterprise": ENTERPRISE, "map": map_id, "devices": devices}
+
+    def compact(seq: int, groups: list[dict[str, Any]], flags: list[list[Any]] | None = None) -> dict[str, Any]:
+        message = {"v": 2, "seq": seq, "hist": False, "map": map_id, "agent": AGENT, "enterprise": ENTERPRISE,
+                   "g": groups}
+        return message if flags is None else message | {"q": flags}
+
+    first = compact(1, [{"d": 0, "t": T0, "o": 0, "v": [12.53, True]}, {"d": 1, "t": [T0 - 5], "o": [0], "v": [None]}],
+                    [[1, 0, 2, "comm"]])
+    publish(f"{root}/data", zlib.compress(json.dumps(first).encode()))  # compressed, and before its map
+    wait_received(platform, 1)
+    assert platform.waiting_for_maps() == 1 and platform.readings() == []
+    publish(f"{root}/map/{map_id}", zlib.compress(json.dumps(the_map).encode()), retain=True)
+    wait_received(platform, 2)
+    assert platform.schema_errors() == [] and platform.waiting_for_maps() == 0
+    assert platform.readings() == [
+        Reading(ENTERPRISE, AGENT, "LT-101", T0, 12.53, "good", False),
+        Reading(ENTERPRISE, AGENT, "XV-101", T0, True, "good", False),
+        Reading(ENTERPRISE, AGENT, "GT-201", T0 - 5, None, "bad", False, "comm"),
+    ]
+    # what the schema cannot say about a compact message is checked too
+    publish(f"{root}/data", compact(2, [{"d": 2, "t": T0, "o": 0, "v": [1.0]}]))
+    publish(f"{root}/data", compact(3, [{"d": 0, "t": T0, "o": 1, "v": [1.0, 2.0]}]))
+    publish(f"{root}/data", compact(4, [{"d": 1, "t": T0, "o": 0, "v": [None]}]))
+    publish(f"{root}/data", compact(5, [{"d": 0, "t": T0, "o": 0, "v": [1.0]}], [[0, 0, 1], [0, 0, 2]]))
+    publish(f"{root}/data", compact(6, [{"d": 0, "t": T0, "o": 0, "v": [1.0]}], [[0, 1, 1]]))
+    publish(f"{root}/data", compact(7, [{"d": 0, "t": [T0, T0], "o": 0, "v": [1.0]}]))
+    publish(f"{root}/data", compact(8, [{"d": 0, "t": T0, "o": 0, "v": [1.0]}], [[0, 0, 3]]))
+    forged = the_map | {"map": "0123456789ab"}
+    publish(f"{root}/map/0123456789ab", json.dumps(forged).encode(), retain=True)
+    publish(f"{root}/map/{map_id}", json.dumps(the_map | {"agent": "ipc-02"}).encode(), retain=True)
+    publish(f"{root}/data", b"x\x9c not really zlib")
+    wait_received(platform, 12)
+    errors = platform.schema_errors()
+    assert len(errors) == 10, errors
+    assert "seq=2" in errors[0] and "device 2, but map" in errors[0]
+    assert "seq=3" in errors[1] and "offset 2, but device 0 has 2 points" in errors[1]
+    assert "seq=4" in errors[2] and "null but not bad" in errors[2]
+    assert "seq=5" in errors[3] and "listed twice" in errors[3]
+    assert "seq=6" in errors[4] and "no reading of this message" in errors[4]
+    assert "seq=7" in errors[5] and "2 times for 1 values" in errors[5]
+    assert "seq=8" in errors[6] and "$.q[0][2]" in errors[6]
+    assert "is not the digest of its devices" in errors[7]
+    assert "'ipc-02'" in errors[8]
+    assert "nor zlib-compressed JSON" in errors[9]
+    assert platform.report().agent(AGENT).readings == 3
+
+
+@pytest.mark.timeout(30)
 def test_payload_naming_another_agent_than_its_topic_is_rejected(
     platform: PlatformSimulator, publish: Publish, prefix: str
 ) -> None:
@@ -377,7 +438,7 @@ def protocol_examples() -> list[tuple[str, dict[str, Any]]]:
 def test_every_example_in_the_protocol_page_validates_against_its_schema() -> None:
     validators = load_validators()
     examples = protocol_examples()
-    assert {kind for kind, _ in examples} == set(KINDS) | set(COMMAND_KINDS)
+    assert {kind for kind, _ in examples} == set(KINDS) | set(COMMAND_KINDS) | set(COMPACT_SCHEMAS)
     import jsonschema  # type: ignore[import-untyped,unused-ignore]
 
     validators["cmd"] = jsonschema.Draft202012Validator(json.loads((ROOT / "docs/schemas/cmd.schema.json").read_text()))
@@ -391,11 +452,30 @@ def test_every_example_in_the_protocol_page_validates_against_its_schema() -> No
 def test_every_example_in_the_protocol_page_is_accepted_by_the_platform(
     platform: PlatformSimulator, publish: Publish, prefix: str
 ) -> None:
-    examples = [(kind, example) for kind, example in protocol_examples() if kind in KINDS]
+    examples = [(kind, example) for kind, example in protocol_examples() if kind in KINDS + COMPACT_SCHEMAS]
+    # a compact message needs its map first; the map goes on map/{id}, compact data on data
+    examples.sort(key=lambda item: item[0] != "map")
     for kind, example in examples:
-        publish(f"{prefix}/{example['enterprise']}/{example['agent']}/{kind}", example)
+        leaf = {"map": f"map/{example.get('map')}", "data-v2": "data"}.get(kind, kind)
+        publish(f"{prefix}/{example['enterprise']}/{example['agent']}/{leaf}", example)
     wait_received(platform, len(examples))
-    assert platform.schema_errors() == []
+    assert platform.schema_errors() == [] and platform.waiting_for_maps() == 0
+
+
+def test_compact_examples_carry_the_readings_of_the_version_1_examples_of_their_seq() -> None:
+    examples = protocol_examples()
+    decoder = DataDecoder()
+    for kind, example in examples:
+        if kind == "map":
+            decoder.add_map(json.dumps(example).encode())
+    plain = {e["seq"]: e for kind, e in examples if kind == "data"}
+    compact = [e for kind, e in examples if kind == "data-v2"]
+    assert compact and decoder.maps
+    for example in compact:
+        rows = decoder.rows(json.dumps(example).encode())
+        assert len(rows) == count_readings(zlib.compress(json.dumps(example).encode()))
+        if example["seq"] in plain:
+            assert sorted(rows, key=repr) == sorted(decoder.rows(json.dumps(plain[example["seq"]]).encode()), key=repr)
 
 
 def _mutations(msg: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -418,6 +498,7 @@ def _mutations(msg: dict[str, Any]) -> Iterator[dict[str, Any]]:
         "ts": [-1, 1.5, "1", True, None, 0, T0 * 1000],
         "value": ["1", [], {}, None, True, 0, -1e300, 3],
         "quality": ["GOOD", "", None, 1, ["good"], "bad", "uncertain"],
+        "reason": ["comm", "spike", "gremlins", None, 1, ""],  # on a good reading: always wrong
     }
     for key, values in reading_values.items():
         for value in values:
@@ -425,9 +506,10 @@ def _mutations(msg: dict[str, Any]) -> Iterator[dict[str, Any]]:
             changed["readings"][1][key] = value
             yield changed
         changed = copy.deepcopy(msg)
-        del changed["readings"][1][key]
+        changed["readings"][1].pop(key, None)
         yield changed
-    for extra in ({"unit": "m"}, {"quality": "bad", "value": None}):
+    for extra in ({"unit": "m"}, {"quality": "bad", "value": None}, {"quality": "bad", "value": None, "reason": "comm"},
+                  {"quality": "uncertain", "reason": "spike"}, {"quality": "uncertain", "reason": "gremlins"}):
         changed = copy.deepcopy(msg)
         changed["readings"][1] |= extra
         yield changed

@@ -13,7 +13,7 @@ import pytest
 from agent.core import KIND_ALARM, KIND_DATA
 from agent.errors import StoreError
 from agent.store import Store
-from agent.store.archive import ArchiveBuffer
+from agent.store.chunks import ArchiveBuffer
 from agent.store.upkeep import Upkeep, UpkeepConfig
 
 

@@ -19,10 +19,11 @@ from typing import Any
 
 from agent import __version__
 from agent.app.health import Reports
+from agent.app.stall import LoopWatch
 from agent.app.systemd import Watchdog, sd_notify, watchdog_interval
 from agent.config.models import AgentConfig
 from agent.control.actions import Actions
-from agent.control.commands import CommandHandler
+from agent.control.commands import CommandHandler, CommandTrust
 from agent.control.socket import ControlServer
 from agent.pipeline.ingest import Pipeline
 from agent.pipeline.poller import Poller
@@ -87,18 +88,20 @@ class Agent:
         with self.store:
             uplink = Uplink(cfg.uplink, cfg.agent, self.store, version=__version__, config_version=cfg.version)
             pipeline = Pipeline(cfg, self.store, on_stored=uplink.wake)
-            poller = Poller(pipeline.table, pipeline.ingest)
+            poller = Poller(pipeline.table, pipeline.ingest, pipeline.polled)
             actions = Actions(pipeline, self.store)
             actions.restore()
             upkeep = Upkeep(self.store, UpkeepConfig(
                 max_bytes=int(cfg.store.max_mb * 1e6), min_free_bytes=int(cfg.store.min_free_mb * 1e6),
                 retention_s=cfg.store.retention, sync_interval=cfg.store.sync_interval,
             ))
-            reports = self.reports = Reports(cfg, self.store, pipeline, poller, uplink, upkeep, actions)
+            watch = LoopWatch()
+            reports = self.reports = Reports(cfg, self.store, pipeline, poller, uplink, upkeep, actions, watch)
             uplink.health = reports.health
             pipeline.recover_archive()
             commands = CommandHandler(actions.reset_alarm, actions.set_production_state, reports.status,
-                                      ids=self.store, max_age=cfg.control.command_max_age)
+                                      ids=self.store, max_age=cfg.control.command_max_age,
+                                      trust=CommandTrust.of(cfg))
             reports.commands = commands
             uplink.on_command = lambda payload, retained: commands.handle(payload, "platform", retained=retained)
             control = ControlServer(cfg.control.socket,
@@ -116,7 +119,7 @@ class Agent:
             field.append(loop.create_task(pipeline.archive_loop(), name="archive"))
             field.append(loop.create_task(control.run(), name="control socket"))
             upkeep_task = loop.create_task(upkeep.run(), name="store upkeep")
-            others = [uplink_task, upkeep_task]
+            others = [uplink_task, upkeep_task, loop.create_task(watch.run(), name="loop watch")]
             period = watchdog_interval()
             if period is not None:
                 slowest = max((d.interval for _, d, _ in cfg.points()), default=0.0)

@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 
 from agent import __version__
+from agent.app.stall import LoopWatch
 from agent.config.models import AgentConfig
 from agent.control.actions import Actions
 from agent.control.commands import CommandHandler
@@ -31,6 +32,7 @@ class Reports:
     uplink: Uplink
     upkeep: Upkeep
     actions: Actions
+    watch: LoopWatch = field(default_factory=LoopWatch)
     commands: CommandHandler | None = None
     started: float = field(default_factory=time.time)
     _process: psutil.Process = field(default_factory=psutil.Process)
@@ -76,16 +78,20 @@ class Reports:
             **self._field(),
             "counters": {"readings_in": self.pipeline.readings_in, "alarm_events": self.pipeline.events_out,
                          **self.uplink.counters(),
-                         "commands_refused": self.commands.refused if self.commands is not None else 0},
+                         "commands_refused": self.commands.refused if self.commands is not None else 0,
+                         "signatures_refused": sum(self.commands.signature_refused.values())
+                         if self.commands is not None else 0},
             "cpu_percent": round(cpu, 1),
             "rss_mb": round(rss, 1),
+            "max_loop_stall_ms": self.watch.take(),
+            "online": self.pipeline.judge.online_rates(),
             "disk_free_mb": None if disk_free is None else round(disk_free, 1),
         }
 
     def status(self) -> dict[str, Any]:
         """What `status` answers, to the platform and to the local CLI."""
         backlog = self.store.backlog()
-        states = self.pipeline.alarms.states()
+        states = self.pipeline.alarm_states()
         return {
             "agent": self.config.agent.id,
             "enterprise": self.config.agent.enterprise,
@@ -106,11 +112,12 @@ class Reports:
         device = request.get("device") if isinstance(request.get("device"), str) else None
         only_bad = request.get("bad") is True
         raised: dict[str, list[str]] = {}
-        for alarm_id, state in self.pipeline.alarms.states().items():
+        for alarm_id, state in self.pipeline.alarm_states().items():
             raised.setdefault(alarm_id.rsplit("/", 1)[0], []).append(f"{alarm_id.rsplit('/', 1)[1]} ({state})")
         now = time.time() * 1000
         pipeline = self.pipeline
         names = ("good", "uncertain", "bad")
+        hour, day = pipeline.judge.point_rates(int(now))
         out = []
         for info in pipeline.table.points:
             i = info.index
@@ -123,7 +130,8 @@ class Reports:
             ts = pipeline.last_ts[i]
             out.append({"point": info.id, "channel": info.channel, "device": info.device, "unit": info.unit,
                         "value": pipeline.last_value[i], "quality": quality, "ts": ts or None,
-                        "age_s": round((now - ts) / 1000, 1) if ts else None, "alarms": raised.get(info.id, [])})
+                        "age_s": round((now - ts) / 1000, 1) if ts else None, "alarms": raised.get(info.id, []),
+                        "online_hour": hour[i], "online_day": day[i]})
         return {"points": out, "count": len(out)}
 
     def channels(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -64,14 +64,20 @@ def _table(title: str, **options: Any) -> Table:
 
 def _points_table(result: dict[str, Any]) -> Table:
     table = _table(title=f"{result['count']} point(s)")
-    for column in ("point", "device", "value", "unit", "quality", "age", "alarms"):
-        table.add_column(column, justify="right" if column in ("value", "age") else "left")
+    right = ("value", "age", "online 1h", "online 1d")
+    for column in ("point", "device", "value", "unit", "quality", "age", "online 1h", "online 1d", "alarms"):
+        table.add_column(column, justify="right" if column in right else "left")
     for p in result["points"]:
         style = {"good": "", "uncertain": "yellow"}.get(p["quality"], "red")
         value = "-" if p["value"] is None else str(p["value"])
         table.add_row(p["point"], f"{p['channel']}/{p['device']}", value, p["unit"], p["quality"], _age(p["age_s"]),
-                      ", ".join(p["alarms"]), style=style)
+                      _rate(p.get("online_hour")), _rate(p.get("online_day")), ", ".join(p["alarms"]), style=style)
     return table
+
+
+def _rate(rate: float | None) -> str:
+    """An online rate as a percentage ('-' before the first poll)."""
+    return "-" if rate is None else f"{rate * 100:.1f}%"
 
 
 @main.command()

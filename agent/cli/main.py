@@ -25,7 +25,8 @@ from agent.cli.base import (
     _socket_of,
     main,
 )
-from agent.config.loader import config_schema, load_config, secret_file_warnings
+from agent.cli.keys import keys
+from agent.config.loader import config_schema, load_config, load_config_apart, secret_file_warnings
 from agent.errors import AgentError, ConfigError
 
 __all__ = ["main"]
@@ -47,7 +48,7 @@ def run(config_path: Path, log_level: str | None) -> None:
     from agent.app.daemon import Agent
 
     try:
-        config = load_config(config_path)
+        config = load_config_apart(config_path)
     except ConfigError as exc:
         _print_config_errors(exc)
         sys.exit(EXIT_BAD_INPUT)
@@ -209,6 +210,7 @@ def _add_probe() -> None:
     from agent.cli.probe import probe
 
     main.add_command(probe)
+    main.add_command(keys)
 
 
 _add_probe()

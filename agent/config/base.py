@@ -202,6 +202,58 @@ class GasDetector(Model):
     gas: str | None = Field(None, description="For toxic gas: which one (H2S, CO, NH3, Cl2, C6H6, ...).")
 
 
+QualityRule = Literal["frozen", "spike", "range_end", "at_rest"]
+
+
+class DataQuality(Model):
+    """Data-quality rules of one point (docs/alarms.md, Data quality); a field left out takes its domain's default."""
+
+    frozen_after: Duration | None = Field(
+        None, gt=0, le=30 * 86400,
+        description="僵值: the value not moving by more than `epsilon` this long makes its readings `uncertain` "
+        "(reason `frozen`) and raises `data_quality` until it moves. Default 30 min (hazard, power), 1 h (gas); "
+        "none for head counts, on/off points, energy counters and fault status points unless set here.",
+    )
+    epsilon: float | None = Field(
+        None, ge=0,
+        description="Resolution, in the point's unit: a change of at most this much is no movement. Default 0 "
+        "(0.1 for an oxygen detector).",
+    )
+    at_rest: float | None = Field(
+        None,
+        description="The point's normal resting reading (a gas detector's 0 in clean air, an idle feeder's 0 kW): "
+        "held within `epsilon` of it, the value is neither frozen nor stuck at a range end. Default 0 for gas and "
+        "power points (20.9 for oxygen), none otherwise.",
+    )
+    max_step: float | None = Field(
+        None, gt=0,
+        description="A change larger than this (the point's unit) from one sample to the next that the next sample "
+        "does not confirm is a spike: delivered `uncertain` (reason `spike`) and ignored by the alarm rules. "
+        "Default: max_step_percent of the range.",
+    )
+    max_step_percent: float | None = Field(
+        None, gt=0, le=100,
+        description="max_step as a percent of the measuring range (needs `range`). Default 50 when the point has a "
+        "range; no spike rule without a range unless max_step is set.",
+    )
+    range_end_delay: Duration | None = Field(
+        None, le=86400,
+        description="At or beyond an end of the measuring range this long: readings `uncertain` (reason "
+        "`range_end`) and `data_quality` raised until the value leaves the end. Default 60 s; needs `range`.",
+    )
+    disable: list[QualityRule] = Field(
+        default_factory=list, max_length=4,
+        description="Rules switched off for this point: frozen, spike, range_end; at_rest makes the resting value "
+        "count like any other.",
+    )
+
+    @model_validator(mode="after")
+    def _one_step(self) -> DataQuality:
+        if self.max_step is not None and self.max_step_percent is not None:
+            raise ValueError("give max_step or max_step_percent, not both")
+        return self
+
+
 class PointBase(Model):
     """What every point has, whatever the protocol."""
 
@@ -225,11 +277,34 @@ class PointBase(Model):
     fault_of: str | None = Field(
         None, description="This point is the fault status of that detector point: non-zero raises `fault` on it."
     )
+    quality: DataQuality | None = Field(
+        None, description="Data-quality rules (frozen value, spike, stuck at a range end); domain defaults if omitted."
+    )
 
     @model_validator(mode="after")
     def _range_ordered(self) -> PointBase:
         if self.range is not None and self.range[0] >= self.range[1]:
             raise ValueError(f"range must be [min, max] with min < max, got {list(self.range)}")
+        return self
+
+    @model_validator(mode="after")
+    def _quality_fits(self) -> PointBase:
+        quality = self.quality
+        if quality is None:
+            return self
+        if quality.max_step_percent is not None and self.range is None:
+            raise ValueError("quality.max_step_percent is a share of the measuring range: the point needs `range`")
+        if quality.range_end_delay is not None and self.range is None:
+            raise ValueError("quality.range_end_delay: the point has no `range` to reach the end of")
+        if getattr(self, "type", None) == "bool" and (quality.max_step is not None or
+                                                      quality.max_step_percent is not None):
+            raise ValueError("quality.max_step: an on/off point has no jumps to judge")
+        step = quality.max_step
+        if step is None and quality.max_step_percent is not None and self.range is not None:
+            step = (self.range[1] - self.range[0]) * quality.max_step_percent / 100
+        if step is not None and quality.epsilon is not None and quality.epsilon >= step:
+            raise ValueError(f"quality.epsilon {quality.epsilon:g} must be below the largest step {step:g}: a "
+                             "movement cannot be larger than a jump")
         return self
 
     @model_validator(mode="after")

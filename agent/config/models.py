@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 
 from agent.config.base import ChannelBase, DeviceBase, Duration, Identifier, Model, PointBase, Secret, SecretFile
+from agent.trust.keys import parse_public_key
 
 
 class AgentIdentity(Model):
@@ -80,6 +81,24 @@ class UplinkConfig(Model):
         description="Most readings per second replayed from the backlog (hist) beside live data.",
     )
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    encoding: Literal["json", "compact"] = Field(
+        "json",
+        description="Encoding of `data` messages, chosen by the platform: `json` (contract version 1, readings by "
+        "point id, about 70 bytes a reading) or `compact` (version 2, values by position in a point map published "
+        "retained on `map/{id}`, about 10 bytes a reading; docs/protocol.md). Messages stored before a change are "
+        "sent as they were stored.",
+    )
+    compress: bool = Field(
+        False,
+        description="With `encoding: compact`: zlib-compress each published `data` and `map` payload (the platform "
+        "tells it from JSON by its first byte, never `{`). About a third of the bytes again, for some CPU.",
+    )
+
+    @model_validator(mode="after")
+    def _compress_compact(self) -> UplinkConfig:
+        if self.compress and self.encoding != "compact":
+            raise ValueError("compress goes with encoding: compact (a version 1 platform reads JSON only)")
+        return self
 
     @model_validator(mode="after")
     def _backoff_order(self) -> UplinkConfig:
@@ -180,6 +199,69 @@ class ControlConfig(Model):
     )
 
 
+def _platform_key(text: str) -> str:
+    try:
+        parse_public_key(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc}: a platform key is its raw 32 bytes in base64url, unpadded (43 characters, "
+                         "as `edge-agent keys show` prints the agent's)") from None
+    return text
+
+
+PlatformKey = Annotated[
+    str,
+    AfterValidator(_platform_key),
+    WithJsonSchema({"type": "string", "pattern": "^[A-Za-z0-9_-]{43}$",
+                    "description": "An Ed25519 public key: base64url of its raw 32 bytes, unpadded."}),
+]
+
+
+def _distinct_keys(keys: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in seen:
+            raise ValueError(f"keys[{i}] is the same key as keys[{seen[key]}]")
+        seen[key] = i
+    return keys
+
+
+class RemoteConfig(Model):
+    """What the platform may send from afar (signed commands, signed configurations) and the keys it signs with
+    (docs/protocol.md, Signatures)."""
+
+    keys: Annotated[list[PlatformKey], AfterValidator(_distinct_keys)] = Field(
+        default_factory=list, max_length=16,
+        description="The platform's Ed25519 public keys the agent trusts (base64url of the raw 32 bytes). A signature "
+        "names its key by id (the first 16 hex digits of SHA-256 over the 32 bytes), so during a key change list "
+        "the old and the new key, and remove the old one once the platform signs with the new.",
+    )
+    allow_unsigned: bool = Field(
+        False,
+        description="Take a configuration from the platform (config/set) that carries no signature. A signature "
+        "that is present is checked all the same. For a test bench only: anyone who can publish on the broker "
+        "could then reconfigure the agent.",
+    )
+    require_signed_cmd: bool = Field(
+        False,
+        description="Refuse a platform command (`cmd`) that carries no signature. A signature that is present is "
+        "always checked, this or not. Commands from the local control socket never need one.",
+    )
+    confirm_within: Duration = Field(
+        120.0, ge=10, le=3600,
+        description="A configuration applied from the platform runs on trial: unless the agent reaches the "
+        "platform again within this time, it rolls back to the previous revision.",
+    )
+    keep_revisions: int = Field(
+        10, ge=1, le=100, description="Configuration revisions from the platform kept on disk, to roll back to."
+    )
+
+    @model_validator(mode="after")
+    def _keys_for_signed_commands(self) -> RemoteConfig:
+        if self.require_signed_cmd and not self.keys:
+            raise ValueError("require_signed_cmd needs at least one key in keys: no command could be taken")
+        return self
+
+
 if TYPE_CHECKING:
     ChannelConfig = ChannelBase
 else:
@@ -202,6 +284,9 @@ class AgentConfig(Model):
     zones: list[ZoneConfig] = Field(default_factory=list, description="Zones watched for crowding.")
     power: PowerConfig = Field(default_factory=PowerConfig, description="Meters watched during an ordered shutdown.")
     control: ControlConfig = Field(default_factory=ControlConfig, description="The local control socket.")
+    remote_config: RemoteConfig = Field(
+        default_factory=RemoteConfig, description="Signed commands and configurations from the platform: its keys."
+    )
     version: str = Field("local", max_length=64, description="Configuration version, reported in `status`.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
 

@@ -25,6 +25,8 @@ ALIAS_ALLOWANCE = 100_000
 limits block of 7 values shared by 10,000 points adds 70,000, a billion laughs adds 10^9."""
 
 _MERGE = "tag:yaml.org,2002:merge"
+_MISSING = object()
+_SEEN_MAX = 100_000
 _KEY = reprlib.Repr()
 _KEY.maxstring = _KEY.maxother = 80
 _COLLECTION_TAGS = {yaml.SequenceStartEvent: "tag:yaml.org,2002:seq", yaml.MappingStartEvent: "tag:yaml.org,2002:map"}
@@ -37,6 +39,7 @@ class _Document:
     secret_keys: Collection[str] = ()  # errors in their values quote nothing of the text
     anchors: dict[str, tuple[Any, int]] = field(default_factory=dict)  # name -> value, its size in values
     open: set[str] = field(default_factory=set)  # anchors of collections not yet closed
+    seen: dict[Any, Any] = field(default_factory=dict)  # scalars already constructed, by their text and style
     written: int = 0  # values the text itself holds
     added: int = 0  # values aliases stand for
 
@@ -71,7 +74,20 @@ def load(text: str, secret_keys: Collection[str] = ()) -> Any:
         loader.dispose()
 
 
-def _scalar(loader: Any, event: Any, quiet: bool) -> Any:
+def _scalar(loader: Any, event: Any, quiet: bool, seen: dict[Any, Any]) -> Any:
+    # a file of 10,000 points repeats the same few words thousands of times: each is resolved once (every safe
+    # scalar constructs an immutable value, so one object may serve every place it appears)
+    key = (event.value, event.tag, event.implicit, event.style)
+    value = seen.get(key, _MISSING)
+    if value is not _MISSING:
+        return value
+    value = _construct(loader, event, quiet)
+    if len(seen) < _SEEN_MAX:
+        seen[key] = value
+    return value
+
+
+def _construct(loader: Any, event: Any, quiet: bool) -> Any:
     tag = event.tag
     if tag is None or tag == "!":
         tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
@@ -114,7 +130,7 @@ def _value(loader: Any, doc: _Document, depth: int, quiet: bool) -> tuple[Any, i
         return value, size
     if isinstance(event, yaml.ScalarEvent):
         doc.written += 1
-        value = _scalar(loader, event, quiet)
+        value = _scalar(loader, event, quiet, doc.seen)
         if event.anchor:
             doc.anchors[event.anchor] = (value, 1)
         return value, 1

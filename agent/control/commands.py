@@ -4,6 +4,8 @@ Every request gets exactly one result carrying its id, `ok`, and either a `resul
 the field at fault, quoting what it got in a bounded form. A malformed, unknown, retained, stale or refused
 command changes nothing. A command repeated with the same id (MQTT delivers at least once) gets the first
 result again and is not done twice, across restarts too; the platform and local users have separate id spaces.
+A command carrying a `sig` is done only if the signature verifies against the platform's keys (and, from the
+platform, names this agent and carries `ts`); with `require_signed_cmd` an unsigned platform command is refused.
 Nothing here raises on any input.
 """
 
@@ -14,14 +16,22 @@ import logging
 import reprlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, Protocol, Union
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, Union
 
 import orjson
 from pydantic import Field, TypeAdapter, ValidationError
 
 from agent.config.base import Model
+from agent.config.models import AgentConfig
 from agent.errors import ResetRefused
+from agent.trust.canonical import SIG, NotCanonical, loads_strict
+from agent.trust.keys import TrustedKeys
+from agent.trust.signing import REFUSAL_KINDS, RefusalKind, SignatureRefused, verify
+
+if TYPE_CHECKING:  # the library is loaded only when a key is used (it costs 8 MB)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,8 @@ class _Command(Model):
     v: Literal[1] = Field(1, description="Contract version.")
     id: Annotated[str, Field(min_length=1, max_length=128)] = Field(description="Correlates the result.")
     ts: int | None = Field(None, description="When the platform sent it (ms); too old or too far ahead: refused.")
+    agent: Annotated[str, Field(max_length=64)] | None = Field(None, description="The agent it is for.")
+    enterprise: Annotated[str, Field(max_length=64)] | None = Field(None, description="That agent's enterprise.")
 
 
 class ResetCommand(_Command):
@@ -68,7 +80,8 @@ class StatusCommand(_Command):
 
 Command = Annotated[Union[ResetCommand, ProductionStateCommand, StatusCommand], Field(discriminator="cmd")]  # noqa: UP007
 KNOWN = ("reset", "set_production_state", "status")
-_FIELD_TYPES = {"v": int, "id": str, "ts": int, "cmd": str, "alarm": str, "state": str}
+_FIELD_TYPES = {"v": int, "id": str, "ts": int, "cmd": str, "alarm": str, "state": str, "agent": str,
+                "enterprise": str}
 _JSON_TYPE = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
               type(None): "null"}
 
@@ -81,18 +94,37 @@ class CommandIds(Protocol):
     def save_command_result(self, source: str, cmd_id: str, digest: str, result: bytes, keep: int) -> None: ...
 
 
+@dataclass(frozen=True)
+class CommandTrust:
+    """What a signed command is checked against: the platform's keys, whether a platform command must be signed,
+    and the agent a signed platform command must name (so one signed for another agent cannot be replayed here)."""
+
+    keys: Mapping[str, Ed25519PublicKey] = field(default_factory=TrustedKeys)
+    require_signed: bool = False
+    agent: str | None = None
+    enterprise: str | None = None
+
+    @classmethod
+    def of(cls, config: AgentConfig) -> CommandTrust:
+        return cls(TrustedKeys.from_texts(config.remote_config.keys), config.remote_config.require_signed_cmd,
+                   config.agent.id, config.agent.enterprise)
+
+
 class CommandHandler:
     def __init__(self, reset: Callable[[str], dict[str, Any]], set_production_state: Callable[[str], dict[str, Any]],
                  status: Callable[[], dict[str, Any]], *, ids: CommandIds | None = None, max_age: float = 600.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, trust: CommandTrust | None = None) -> None:
         self._reset = reset
         self._set_state = set_production_state
         self._status = status
         self._ids = ids
         self._max_age_ms = max_age * 1000
         self._clock = clock
+        self._trust = trust or CommandTrust()
         self._done: dict[str, OrderedDict[str, tuple[str, dict[str, Any]]]] = {s: OrderedDict() for s in SOURCES}
         self.refused = 0  # requests answered with an error
+        # commands refused for their signature, by SignatureRefused.kind (also counted in `refused`)
+        self.signature_refused: dict[RefusalKind, int] = dict.fromkeys(REFUSAL_KINDS, 0)
 
     def handle(self, payload: bytes, source: str = "platform", *, retained: bool = False,
                caller: str = "") -> dict[str, Any]:
@@ -120,6 +152,13 @@ class CommandHandler:
             return self._error(None, None, "a command is a JSON object")
         cmd_id = raw.get("id") if isinstance(raw.get("id"), str) else None
         name = raw.get("cmd") if isinstance(raw.get("cmd"), str) and raw.get("cmd") in KNOWN else None
+        signed = SIG in raw
+        if signed or (source == "platform" and self._trust.require_signed):
+            try:
+                raw = self._verified(payload, raw)
+            except SignatureRefused as exc:
+                self.signature_refused[exc.kind] += 1
+                return self._error(cmd_id, name, str(exc))
         # types first: nothing below (validation, messages, the id digest) ever sees a nested or odd value
         for key, value in raw.items():
             expected = _FIELD_TYPES.get(key)
@@ -145,6 +184,9 @@ class CommandHandler:
                                    f"{self._max_age_ms / 1000:.0f}s; check both clocks)")
         if source != "platform" and command.cmd in PLATFORM_ONLY:
             return self._error(command.id, command.cmd, f"{command.cmd} is only taken from the platform")
+        wrong_target = self._wrong_target(command, signed=signed and source == "platform")
+        if wrong_target:
+            return self._error(command.id, command.cmd, wrong_target)
         digest = hashlib.blake2b(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
         done = self._recall(source, command.id)
         if done is not None:
@@ -162,6 +204,33 @@ class CommandHandler:
             outcome = self._error(command.id, command.cmd, f"internal error: {type(exc).__name__}")
         self._remember(source, command.id, digest, outcome, durable=command.cmd != "status")
         return outcome
+
+    def _verified(self, payload: bytes, raw: dict[str, Any]) -> dict[str, Any]:
+        """The command without its `sig`, read again strictly (no member given twice: what was verified is what
+        runs), once the signature verifies; SignatureRefused otherwise."""
+        if SIG not in raw:
+            raise SignatureRefused("unsigned", "sig: missing: the platform's commands must be signed "
+                                               "(remote_config.require_signed_cmd)")
+        try:
+            strict = loads_strict(payload)
+        except NotCanonical as exc:
+            raise SignatureRefused("not_canonical", f"cannot be signed: {exc}") from None
+        verify(strict, self._trust.keys)
+        return {key: value for key, value in strict.items() if key != SIG}
+
+    def _wrong_target(self, command: ResetCommand | ProductionStateCommand | StatusCommand, *, signed: bool) -> str:
+        """Why the command is not for this agent, or ''. A signed one must say whom it is for and when it was sent:
+        else it could be replayed to another agent, or here long after."""
+        trust = self._trust
+        for name, ours in (("agent", trust.agent), ("enterprise", trust.enterprise)):
+            theirs = getattr(command, name)
+            if theirs is None and signed:
+                return f"{name}: required in a signed command (whom it is for)"
+            if theirs is not None and ours is not None and theirs != ours:
+                return f"{name}: the command is for {quote(theirs)}, this is {quote(ours)}"
+        if signed and command.ts is None:
+            return "ts: required in a signed command (so that it cannot be replayed later)"
+        return ""
 
     def _recall(self, source: str, cmd_id: str) -> tuple[str, dict[str, Any]] | None:
         done = self._done.setdefault(source, OrderedDict()).get(cmd_id)

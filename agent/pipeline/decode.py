@@ -45,10 +45,12 @@ def decode(
     device_q = read.qualities
     values: list[Any] = []
     qualities: list[int] = []
+    why: list[tuple[int, str]] = []  # (position, reason) of the readings decode finds not good
     for n, (index, raw) in enumerate(zip(indices, read.values, strict=True)):
         if raw is None:
             values.append(None)
             qualities.append(BAD)
+            why.append((n, "comm"))
             continue
         said = device_q[n] if device_q is not None else GOOD
         if said == BAD:
@@ -64,32 +66,41 @@ def decode(
         if isinstance(value, float) and not math.isfinite(value):
             values.append(None)
             qualities.append(BAD)
+            why.append((n, "out_of_range"))  # beyond what a number holds: the device sent no usable value
         elif info.lo <= value <= info.hi:
             values.append(value)
             qualities.append(said)
         else:
             values.append(value)
             qualities.append(UNCERTAIN)
+            why.append((n, "out_of_range"))
     indices = list(indices)
+    reasons: list[str | None] | None = None
+    if why:
+        reasons = [None] * len(indices)
+        for n, reason in why:
+            reasons[n] = reason
     if read.timestamps is None:
-        return ReadingBatch(ts, indices, values, qualities)
+        return ReadingBatch(ts, indices, values, qualities, None, reasons)
     stamps = list(read.timestamps)
     skew = clock.skew_ms if clock is not None else DEFAULT_SKEW_MS
     # min and max run in C: a batch whose stamps are all plausible costs no Python loop
+    batch = ReadingBatch(ts, indices, values, qualities, stamps, reasons)
     if stamps and (min(stamps) < ts - skew or max(stamps) > ts + skew):
-        _distrust(points, indices, stamps, qualities, ts, skew, clock)
+        _distrust(points, batch, ts, skew, clock)
     elif clock is not None and clock.off:
         clock.off.difference_update(indices)
         if not clock.off:
             log.info("%s: device timestamps trusted again (within max_clock_skew %g s)", clock.where,
                      clock.skew_ms / 1000)
-    return ReadingBatch(ts, indices, values, qualities, stamps)
+    return batch
 
 
-def _distrust(points: list[PointInfo], indices: list[int], stamps: list[int], qualities: list[int], ts: int,
-              skew: int, clock: DeviceClock | None) -> None:
+def _distrust(points: list[PointInfo], batch: ReadingBatch, ts: int, skew: int, clock: DeviceClock | None) -> None:
     """Give every reading whose device timestamp is out of the window the agent's time, `uncertain` (a bad one
     stays bad); count them, and log the device if its timestamps were trusted until now."""
+    indices, stamps = batch.indices, batch.stamps
+    assert stamps is not None
     lo, hi = ts - skew, ts + skew
     off = clock.off if clock is not None else set()
     was_off = bool(off)
@@ -101,8 +112,7 @@ def _distrust(points: list[PointInfo], indices: list[int], stamps: list[int], qu
             off.discard(index)
             continue
         stamps[n] = ts
-        if qualities[n] == GOOD:
-            qualities[n] = UNCERTAIN
+        batch.set_reason(n, UNCERTAIN, "device_ts")  # a bad reading stays bad, with its own reason
         off.add(index)
         count += 1
         if abs(stamp - ts) > abs(worst):
@@ -127,4 +137,4 @@ def _span(ms: int) -> str:
 def bad_batch(indices: list[int], ts: int) -> ReadingBatch:
     """Every point of a device `bad`: the device could not be read at all."""
     n = len(indices)
-    return ReadingBatch(ts, list(indices), [None] * n, [BAD] * n)
+    return ReadingBatch(ts, list(indices), [None] * n, [BAD] * n, None, ["comm"] * n)

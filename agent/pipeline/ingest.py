@@ -18,18 +18,20 @@ from typing import Any
 import orjson
 
 from agent.config.models import AgentConfig
-from agent.config.points import PointTable
+from agent.config.points import DeviceSlot, PointTable
 from agent.core import BAD, GOOD, KIND_ALARM, KIND_DATA, UNCERTAIN, AlarmEvent, ReadingBatch
-from agent.messages import alarm_body, data_body, identity_fields, read_readings
+from agent.messages import DataEncoder, alarm_body, identity_fields, read_readings
 from agent.rules.energy import DailyEnergy
 from agent.rules.engine import AlarmEngine
+from agent.rules.quality import ALARM_TYPE, QualityRules
 from agent.store import Store
-from agent.store.archive import ArchiveBuffer
+from agent.store.chunks import ArchiveBuffer, Row
 
 log = logging.getLogger(__name__)
 
 _UNKNOWN = 255
 _MAX_UNSTORED_EVENTS = 100_000  # alarm events held in memory while the store refuses writes
+_ARCHIVE_SLICE = 250  # archive chunks encoded and written per turn of the loop (about 10 ms)
 
 
 class Pipeline:
@@ -45,8 +47,11 @@ class Pipeline:
                 derived = self.table.add_derived(meter.daily_energy, "kWh", "power", meter.id)
                 source = self.table.by_id[meter.total_energy].index
                 self._energy[source] = (DailyEnergy(meter.rollover), derived.index, meter.id)
+        self.judge = QualityRules(self.table, config)  # data quality: frozen, spikes, range ends, online rates
         self.alarms = AlarmEngine(self.table, config)
         self.identity = identity_fields(config.agent.id, config.agent.enterprise)
+        # built once the table is complete (derived points above): the compact encoding's map numbers its points
+        self.encoder = DataEncoder(self.identity, self.table, config.uplink.encoding)
         self.max_readings = config.uplink.batch.max_readings
         self.max_delay = config.uplink.batch.max_delay
         self.quality = bytearray([_UNKNOWN]) * len(self.table)
@@ -61,15 +66,19 @@ class Pipeline:
         self.events_out = 0
         self.lost_readings = 0  # readings the store refused (disk full, unreadable file)
         self._unstored: list[tuple[bytes, int]] = []  # alarm events the store refused, retried first
-        self.archive = ArchiveBuffer()
         self._id_of = [p.id for p in self.table.points]
+        self.archive = ArchiveBuffer(self._id_of)
         self._remap_keys()
+        self.store.attempt("registering the point map",
+                           lambda: self.store.register_map(self.encoder.map_id, self.encoder.map_message()))
         self._restore_state()
 
     def _restore_state(self) -> None:
         """Alarm states and the energy counters as they were before the restart."""
         def load() -> None:
-            unknown = self.alarms.load(self.store.alarm_states(), int(time.time() * 1000))
+            saved, now = self.store.alarm_states(), int(time.time() * 1000)
+            unknown = [a for a in self.alarms.load(saved, now) if not a.endswith("/" + ALARM_TYPE)]
+            unknown += self.judge.load(saved, now)
             if unknown:
                 log.info("alarms no longer configured, forgotten: %s", ", ".join(sorted(unknown)))
             for energy, _, meter in self._energy.values():
@@ -78,7 +87,7 @@ class Pipeline:
                     energy.restore(orjson.loads(saved))
 
         self.store.attempt("restoring alarm states", load)
-        raised = self.alarms.active()
+        raised = sorted(self.alarm_states())
         if raised:
             log.info("alarms raised before the restart, still raised: %s", ", ".join(raised))
 
@@ -105,16 +114,27 @@ class Pipeline:
             return  # a subscription with no news
         if self._energy:
             self._add_daily_energy(batch)
-        events = self.alarms.evaluate(batch)
-        quality, last_value, last_ts = self.quality, self.last_value, self.last_ts
-        times = batch.times()
-        for index, q, value, ts in zip(batch.indices, batch.qualities, batch.values, times, strict=True):
-            quality[index] = q
-            last_value[index] = value
-            last_ts[index] = ts
-        id_of = self._id_of
-        self.archive.add_many([id_of[i] for i in batch.indices], times, batch.values, batch.qualities)
-        self.readings_in += len(batch)
+        events = self.judge.check(batch)  # first: the alarm rules must not act on a spike it marks
+        events += self.alarms.evaluate(batch)
+        indices = batch.indices
+        n = len(indices)
+        first = indices[0]
+        if batch.stamps is None and indices[-1] - first == n - 1 and indices == list(range(first, first + n)):
+            # a whole poll of one device (its points have consecutive indices): slices, no loop per reading
+            self.quality[first:first + n] = bytes(batch.qualities)
+            self.last_value[first:first + n] = batch.values
+            self.last_ts[first:first + n] = array("q", (batch.ts,)) * n
+            self.archive.add_poll(first, batch.ts, batch.values, batch.qualities)
+        else:
+            quality, last_value, last_ts = self.quality, self.last_value, self.last_ts
+            times = batch.times()
+            for index, q, value, ts in zip(indices, batch.qualities, batch.values, times, strict=True):
+                quality[index] = q
+                last_value[index] = value
+                last_ts[index] = ts
+            id_of = self._id_of
+            self.archive.add_many([id_of[i] for i in indices], times, batch.values, batch.qualities)
+        self.readings_in += n
         if events:
             self.store_events(events)
         if not self._pending:
@@ -143,7 +163,7 @@ class Pipeline:
         """Store alarm events (and the engine's states) in one synced commit; events the store refuses (a full
         disk) wait in memory, in order, and go first at the next attempt: an alarm event is never dropped."""
         bodies = self._unstored + [(alarm_body(self.identity, event), event.ts) for event in events]
-        states = self.alarms.states()
+        states = self.alarm_states()
 
         def write() -> bool:
             # alarm events are rare and must survive a power cut: their commit syncs the log
@@ -171,7 +191,6 @@ class Pipeline:
         if not self._pending:
             return
         pending, self._pending, self._pending_count = self._pending, [], 0
-        points = self.table.points
         messages: list[tuple[bytes, int]] = []
         chunk: list[ReadingBatch] = []
         size = 0
@@ -184,10 +203,10 @@ class Pipeline:
                 size += take
                 start += take
                 if size == self.max_readings:
-                    messages.append(data_body(self.identity, points, chunk))
+                    messages.append(self.encoder.body(chunk))
                     chunk, size = [], 0
         if chunk:
-            messages.append(data_body(self.identity, points, chunk))
+            messages.append(self.encoder.body(chunk))
 
         def write() -> bool:
             with self.store.transaction():
@@ -201,39 +220,49 @@ class Pipeline:
 
     # --- the archive -----------------------------------------------------------------------------
 
-    def archive_flush(self) -> None:
-        """Write the readings gathered since the last flush to the archive, as one chunk per point."""
+    def archive_flush(self, force: bool = False) -> None:
+        """Write the readings gathered since the last flush to the archive, as one chunk per point, in one
+        transaction (at a stop and at start); `force`: even with nothing gathered (ends a flush under way)."""
         self.flush()  # every reading in the archive buffer is now in a stored message
-        if self.archive.count == 0:
+        if self.archive.count == 0 and not force:
             return
         mark = self.store.last_seq()
         chunks = list(self.archive.take())
         self.store.attempt("writing the archive", lambda: self.store.write_chunks(chunks, mark))
 
     def recover_archive(self) -> int:
-        """At start: readings of messages stored after the last archive flush (a crash) go to the archive."""
+        """At start: readings of messages stored after the last archive flush (a crash) go to the archive; after
+        a crash inside a flush, a point's readings its written chunks already hold are not added again."""
         missing = 0
 
         def replay() -> None:
             nonlocal missing
+            partial = self.store.archive_partial()
+            archived: dict[str, int | None] = {}
             for seq, body in self.store.data_rows_after(self.store.archive_mark()):
-                readings = read_readings(body)
+                readings = read_readings(body, self.store.point_map)
                 if readings is None:
                     log.error("store: message seq %d cannot be read back for the archive", seq)
                     continue
                 for point, ts, value, quality in readings:  # a point no longer configured keeps its history too
+                    if partial:
+                        if point not in archived:
+                            archived[point] = self.store.last_archived(point)
+                        end = archived[point]
+                        if end is not None and ts <= end:
+                            continue
                     self.archive.add(point, ts, value, quality)
                     missing += 1
 
         self.store.attempt("recovering the archive", replay)
-        if missing:
+        if missing or self.store.attempt("reading the archive state", self.store.archive_partial):
             log.info("store: %d readings stored after the last archive flush were added to the archive", missing)
-            self.archive_flush()
+            self.archive_flush(force=True)
         return missing
 
     async def archive_loop(self) -> None:
-        """Flush the archive every archive_interval, encoding a few hundred points per turn of the loop, so a
-        10,000-point flush never holds up polls or alarms (a cancelled flush is redone from the outbox)."""
+        """Flush the archive every archive_interval, a few hundred chunks per transaction and per turn of the
+        loop, so a 100,000-point flush never holds up polls, alarms or the other writers."""
         interval = self.config.store.archive_interval
         while True:
             await asyncio.sleep(interval)
@@ -242,12 +271,15 @@ class Pipeline:
             if self.archive.count == 0:
                 continue
             mark = self.store.last_seq()
-            rows: list[tuple[str, int, int, int, bytes]] = []
+            rows: list[Row] = []
             taking = self.archive.take()
             try:
-                for n, row in enumerate(taking, 1):
+                for row in taking:
                     rows.append(row)
-                    if n % 250 == 0:
+                    if len(rows) == _ARCHIVE_SLICE:
+                        self.store.attempt("writing the archive", functools.partial(self.store.write_chunks, rows,
+                                                                                    None))
+                        rows = []
                         await asyncio.sleep(0)
             except asyncio.CancelledError:
                 rows.extend(taking)  # stopping: what was taken must still be written
@@ -262,11 +294,23 @@ class Pipeline:
             await asyncio.sleep(tick)
             if self.stopping:
                 break  # a stop began while sleeping: comm loss of devices the agent stopped polling is no alarm
-            events = self.alarms.tick(int(time.time() * 1000))
+            now = int(time.time() * 1000)
+            events = self.alarms.tick(now) + self.judge.tick(now)
+            confirmed = self.judge.take_confirmed()  # jumps no sample contradicted: the alarm rules see them now
+            if confirmed is not None:
+                events += self.alarms.evaluate(confirmed)
             if events or self._unstored:
                 self.store_events(events)
             if self._pending and time.monotonic() - self._pending_since >= self.max_delay:
                 self.flush()
+
+    def polled(self, slot: DeviceSlot, ts: int) -> None:
+        """One poll slot of a device came (read, failed or backed off): its points each owed a sample."""
+        self.judge.expected(slot, ts)
+
+    def alarm_states(self) -> dict[str, str]:
+        """Every alarm not normal (limits, domain rules and data quality), by id: what is saved and shown."""
+        return {**self.alarms.states(), **self.judge.states()}
 
     # --- health ----------------------------------------------------------------------------------
 

@@ -38,6 +38,9 @@ class DeviceState:
     round_trip: float | None = None  # seconds the last read took
     polls: int = 0
     errors: int = 0  # polls that failed or read only part of the points
+    late: int = 0  # polls run after their slot (the one before overran): their readings carry the real time
+    overruns: int = 0  # slots skipped because the polls before them overran by a whole interval or more
+    overrun_logged: float = -1e9  # loop time of the last warning about skipped slots
     clock: DeviceClock = field(init=False)  # the device's own timestamps against the agent's clock (decode checks)
 
     def __post_init__(self) -> None:
@@ -58,6 +61,7 @@ class Poller:
 
     table: PointTable
     ingest: Callable[[ReadingBatch], None]
+    polled: Callable[[DeviceSlot, int], None] = lambda slot, ts: None  # every slot, read or not (online rates)
     drivers: dict[str, Driver] = field(default_factory=dict)
     devices: list[DeviceState] = field(init=False)
 
@@ -85,6 +89,7 @@ class Poller:
                 ts = int(time.time() * 1000)
                 if dev.failures and loop.time() < dev.retry_at:
                     self.ingest(bad_batch(dev.slot.indices, ts))
+                    self.polled(dev.slot, ts)
                 else:
                     began = loop.time()
                     read = await self._read(driver, dev)
@@ -96,16 +101,33 @@ class Poller:
                     else:
                         self.ingest(decode(points, dev.slot.indices, read, ts, dev.clock))
                         failed = read.positions is None and all(v is None for v in read.values)
+                    self.polled(dev.slot, ts)
                     self._outcome(dev, read, failed)
-                    if failed:
-                        backoff = min(dev.device.interval * 2 ** (dev.failures - 1), dev.device.backoff_max)
+                    if failed and dev.failures > 1:
+                        # one missed reply (noise on a bus) costs no slot; a device silent twice is backed off
+                        backoff = min(dev.device.interval * 2 ** (dev.failures - 2), dev.device.backoff_max)
                         dev.retry_at = loop.time() + backoff
-                interval = dev.device.interval
-                nxt = dev.due + interval
-                # a poll that overran skips the missed slots instead of bursting to catch up
-                dev.due = nxt if nxt > loop.time() else loop.time() + interval
+                self._next_slot(dev, loop.time())
         finally:
             await driver.close()
+
+    @staticmethod
+    def _next_slot(dev: DeviceState, now: float) -> None:
+        """Slots stay on the device's grid. A slot that came while the channel was busy runs at once, late, with
+        the time it really runs at; slots wholly passed are skipped (no burst to catch up), counted and logged."""
+        interval = dev.device.interval
+        due = dev.due + interval
+        if due <= now:
+            behind = int((now - due) // interval)
+            if behind:
+                dev.overruns += behind
+                if now - dev.overrun_logged >= 60:
+                    dev.overrun_logged = now
+                    log.warning("%s: polls overran their %g s interval: %d slot(s) skipped so far (the channel "
+                                "is busier than its devices' intervals allow)", dev.where, interval, dev.overruns)
+                due += behind * interval
+            dev.late += 1
+        dev.due = due
 
     @staticmethod
     async def _read(driver: Driver, dev: DeviceState) -> DeviceRead | None:
@@ -148,9 +170,13 @@ class Poller:
         out = []
         for channel in channels:
             driver = self.drivers.get(channel.id)
+            devices = self.devices_of(channel)
             out.append({
                 "id": channel.id,
                 "link": "up" if driver is not None and driver.connected else "down",
+                "polls": sum(d.polls for d in devices),
+                "late_polls": sum(d.late for d in devices),
+                "skipped_polls": sum(d.overruns for d in devices),
                 "devices": [
                     {"id": d.device.id, "state": "ok" if d.state == "ok" else "failing", "last_error": d.last_error,
                      "untrusted_timestamps": d.clock.untrusted}
@@ -174,7 +200,8 @@ class Poller:
                     "last_good_ts": d.last_good, "failures": d.failures,
                     "round_trip_ms": None if d.round_trip is None else round(d.round_trip * 1000, 1),
                     "backoff_s": round(d.retry_at - now, 1) if d.failures and d.retry_at > now else 0.0,
-                    "polls": d.polls, "errors": d.errors, "last_error": d.last_error,
+                    "polls": d.polls, "late_polls": d.late, "skipped_polls": d.overruns, "errors": d.errors,
+                    "last_error": d.last_error,
                     "untrusted_timestamps": d.clock.untrusted,
                 } for d in self.devices_of(channel)],
             })

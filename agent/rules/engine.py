@@ -10,7 +10,8 @@ The engine's state can be saved and loaded, so a restart neither raises twice no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from array import array
+from typing import TYPE_CHECKING, Any
 
 from agent.config.points import PointInfo, PointTable
 from agent.core import BAD, AlarmEvent, ReadingBatch
@@ -21,50 +22,104 @@ from agent.rules.limits import LATCHED, LIMIT_KINDS, NORMAL, RAISED, LimitRule, 
 if TYPE_CHECKING:
     from agent.config.models import AgentConfig
 
+_LIMIT_NAMES = frozenset(kind for kind, _, _, _ in LIMIT_KINDS)
+
+_INF = float("inf")
+
+
 class AlarmEngine:
+    """Every alarm rule of a point table, evaluated batch by batch.
+
+    Limit and communication-loss rules are made only when a point first needs them (a value outside its quiet
+    band, a bad reading, a saved state): a point whose value stays between its limits costs one comparison
+    per reading and no rule object. Rules of other kinds (rate, fault, crowding, halt) are made at start.
+    """
+
     def __init__(self, table: PointTable, config: AgentConfig | None = None) -> None:
         self.table = table
         n = len(table)
-        self._limit_rules: list[list[LimitRule] | None] = [None] * n
+        self._latching = self._latching_ids(config)
+        # the quiet band of each point: strictly between these, no limit rule can change state; a point whose
+        # rules are not all settled (normal, no on-delay running) gets an empty band (+inf, -inf)
+        self._lo = array("d", [_INF]) * n
+        self._hi = array("d", [-_INF]) * n
+        self._limit_rules: dict[int, list[LimitRule]] = {}
         self._other_rules: list[list[Rule] | None] = [None] * n  # rate, fault, crowding, halt: fed the value
-        self._comm = [CommLossRule(info) for info in table.points]
+        self._comm: dict[int, CommLossRule] = {}
         self._bad_since: dict[int, int] = {}
-        self.rules: dict[str, Rule] = {}
+        self._named: dict[str, Rule] = {}  # rules of other kinds by alarm id (a fault rule sits on its status point)
         self._halt_rules: list[HaltRule] = []
         self._waiting: set[Rule] = set()  # rules in their on-delay
-        latching = self._latching(config)
+        self._raised: set[Rule] = set()  # rules that may not be normal (checked when read)
+        bands: dict[int, tuple[float, float]] = {}  # points written alike share their limits object
+        lo, hi = self._lo, self._hi
         for info in table.points:
-            self.rules[self._comm[info.index].id] = self._comm[info.index]
-            if info.limits is None or info.is_bool:
+            limits = info.limits
+            if limits is None or info.is_bool:
+                lo[info.index], hi[info.index] = -_INF, _INF
                 continue
-            latch = info.id in latching
-            rules = []
-            for kind, level, attr, direction in LIMIT_KINDS:
-                limit = getattr(info.limits, attr)
-                if limit is not None:
-                    rules.append(LimitRule(info, kind, level, limit, direction, info.limits.deadband,
-                                           info.limits.delay, latch))
-            if rules:
-                self._limit_rules[info.index] = rules
-            if info.limits.rate_rise is not None or info.limits.rate_fall is not None:
-                self._add(info, RateRule(info, info.limits.rate_rise, info.limits.rate_fall,
-                                         info.limits.rate_window, latch))
-            for rule in rules:
-                self.rules[rule.id] = rule
+            band = bands.get(id(limits))
+            if band is None:
+                band = bands[id(limits)] = self._band(info)
+            lo[info.index], hi[info.index] = band
+            if limits.rate_rise is not None or limits.rate_fall is not None:
+                self._add(info, RateRule(info, limits.rate_rise, limits.rate_fall, limits.rate_window,
+                                         info.id in self._latching))
         if config is not None:
             self._domain_rules(config)
 
-    def _latching(self, config: AgentConfig | None) -> set[str]:
+    @staticmethod
+    def _latching_ids(config: AgentConfig | None) -> set[str]:
         if config is None:
             return set()
         return {p.id for _, _, p in config.points() if p.latches()}
+
+    def _band(self, info: PointInfo) -> tuple[float, float]:
+        """Values strictly between these raise no four-level limit of the point."""
+        limits = info.limits
+        if limits is None or info.is_bool:
+            return -_INF, _INF
+        highs = [x for x in (limits.high, limits.high_high) if x is not None]
+        lows = [x for x in (limits.low, limits.low_low) if x is not None]
+        return (max(lows) if lows else -_INF), (min(highs) if highs else _INF)
+
+    def _settle(self, index: int) -> None:
+        """Give a point its quiet band back if every limit rule it has is normal with no on-delay running."""
+        for rule in self._limit_rules.get(index, ()):
+            if rule.state != NORMAL or rule.pending_since is not None:
+                self._lo[index], self._hi[index] = _INF, -_INF
+                return
+        self._lo[index], self._hi[index] = self._band(self.table.points[index])
+
+    def _limits_of(self, index: int) -> list[LimitRule]:
+        """The point's four-level limit rules, made the first time they are needed."""
+        rules = self._limit_rules.get(index)
+        if rules is None:
+            info = self.table.points[index]
+            rules = []
+            if info.limits is not None and not info.is_bool:
+                latch = info.id in self._latching
+                for kind, level, attr, direction in LIMIT_KINDS:
+                    limit = getattr(info.limits, attr)
+                    if limit is not None:
+                        rules.append(LimitRule(info, kind, level, limit, direction, info.limits.deadband,
+                                               info.limits.delay, latch))
+            self._limit_rules[index] = rules
+        return rules
+
+    def _comm_of(self, index: int) -> CommLossRule:
+        rule = self._comm.get(index)
+        if rule is None:
+            rule = self._comm[index] = CommLossRule(self.table.points[index])
+        return rule
 
     def _add(self, info: PointInfo, rule: Rule) -> None:
         rules = self._other_rules[info.index]
         if rules is None:
             rules = self._other_rules[info.index] = []
         rules.append(rule)
-        self.rules[rule.id] = rule
+        if rule.kind != "rate":  # a rate rule is found through its point
+            self._named[rule.id] = rule
 
     def _domain_rules(self, config: AgentConfig) -> None:
         by_id = self.table.by_id
@@ -81,39 +136,68 @@ class AlarmEngine:
             self._halt_rules.append(halt)
             self._add(info, halt)
 
+    def rule(self, alarm_id: str, make: bool = False) -> Rule | None:
+        """The rule behind an alarm id (`point/type`); a limit or comm_loss rule not yet needed is made only
+        with `make` (otherwise None: it is normal)."""
+        named = self._named.get(alarm_id)
+        if named is not None:
+            return named
+        point, _, kind = alarm_id.rpartition("/")
+        info = self.table.by_id.get(point)
+        if info is None:
+            return None
+        if kind == "comm_loss":
+            return self._comm_of(info.index) if make else self._comm.get(info.index)
+        if kind == "rate":
+            return next((r for r in self._other_rules[info.index] or () if r.kind == "rate"), None)
+        if info.limits is None or info.is_bool or getattr(info.limits, kind, None) is None or \
+                kind not in _LIMIT_NAMES:
+            return None
+        rules = self._limits_of(info.index) if make else self._limit_rules.get(info.index, [])
+        return next((r for r in rules if r.kind == kind), None)
+
     # --- evaluation ------------------------------------------------------------------------------
 
     def evaluate(self, batch: ReadingBatch) -> list[AlarmEvent]:
         events: list[AlarmEvent] = []
-        limit_rules = self._limit_rules
+        lo, hi = self._lo, self._hi
         other_rules = self._other_rules
-        for index, value, quality, ts in zip(batch.indices, batch.values, batch.qualities, batch.times(),
-                                             strict=True):
+        bad_since = self._bad_since
+        reasons = batch.reasons
+        for n, (index, value, quality) in enumerate(zip(batch.indices, batch.values, batch.qualities, strict=True)):
             if quality == BAD:
-                self._bad(index, ts, events)
+                self._bad(index, batch.stamps[n] if batch.stamps is not None else batch.ts, events)
                 continue
-            if index in self._bad_since:
-                del self._bad_since[index]
-                event = self._comm[index].step(False, True, value, ts)
-                if event is not None:
-                    events.append(event)
-            rules = limit_rules[index]
-            if rules is not None:
-                for rule in rules:
-                    event = rule.feed(value, ts)
-                    if event is not None:
-                        events.append(event)
-                    if rule.pending_since is not None:
-                        self._waiting.add(rule)
+            if reasons is not None and reasons[n] == "spike":
+                continue  # an unconfirmed jump: no rule acts on it (the next sample confirms it or not)
             others = other_rules[index]
+            if lo[index] < value < hi[index] and others is None and index not in bad_since:
+                continue  # the usual case: a value between its limits changes no state
+            ts = batch.stamps[n] if batch.stamps is not None else batch.ts
+            if index in bad_since:
+                del bad_since[index]
+                comm = self._comm.get(index)
+                if comm is not None:  # a point bad for less than its comm_loss time never needed one
+                    self._feed(comm, False, True, value, ts, events)
+            if not lo[index] < value < hi[index]:
+                for rule in self._limits_of(index):
+                    self._fed(rule, rule.feed(value, ts), events)
+                self._settle(index)
             if others is not None:
                 for other in others:
-                    event = other.feed(value, ts)
-                    if event is not None:
-                        events.append(event)
-                    if other.pending_since is not None:
-                        self._waiting.add(other)
+                    self._fed(other, other.feed(value, ts), events)
         return events
+
+    def _fed(self, rule: Rule, event: AlarmEvent | None, events: list[AlarmEvent]) -> None:
+        if event is not None:
+            events.append(event)
+            if event.state == "raised":
+                self._raised.add(rule)
+        if rule.pending_since is not None:
+            self._waiting.add(rule)
+
+    def _feed(self, rule: Rule, beyond: bool, back: bool, value: Any, ts: int, events: list[AlarmEvent]) -> None:
+        self._fed(rule, rule.step(beyond, back, value, ts), events)
 
     def tick(self, now: int) -> list[AlarmEvent]:
         """Raise what waited out its on-delay without a new reading to show it (values sent only on change)."""
@@ -125,34 +209,53 @@ class AlarmEngine:
             event = rule.elapse(now)
             if event is not None:
                 self._waiting.discard(rule)
+                self._raised.add(rule)
                 events.append(event)
         return events
 
     def _bad(self, index: int, ts: int, events: list[AlarmEvent]) -> None:
-        for rule in self._limit_rules[index] or ():
-            rule.hold()
+        if self._lo[index] > self._hi[index]:  # rules unsettled: restart their on-delays
+            for rule in self._limit_rules.get(index, ()):
+                rule.hold()
+            self._settle(index)
         for other in self._other_rules[index] or ():
             other.hold()
         since = self._bad_since.setdefault(index, ts)
-        comm = self._comm[index]
-        if comm.state == NORMAL and ts - since >= comm.delay_ms:
-            comm.state = RAISED
-            events.append(comm.event("raised", None, ts))
+        info = self.table.points[index]
+        if ts - since >= round(info.comm_loss * 1000):
+            comm = self._comm_of(index)
+            if comm.state == NORMAL:
+                comm.state = RAISED
+                self._raised.add(comm)
+                events.append(comm.event("raised", None, ts))
 
     # --- commands --------------------------------------------------------------------------------
 
     def reset(self, alarm_id: str, ts: int) -> AlarmEvent:
         """Reset a latched alarm whose condition is gone; the reset is an event of its own."""
-        rule = self.rules.get(alarm_id)
-        if rule is None:
+        rule = self.rule(alarm_id)
+        if rule is None and not self._configured(alarm_id):
             raise ResetRefused(f"no alarm {alarm_id!r} (ids are point/type, e.g. GT-201/high)")
-        if rule.state == NORMAL:
+        if rule is None or rule.state == NORMAL:
             raise ResetRefused(f"alarm {alarm_id} is not raised")
         if rule.state == RAISED:
             reason = "its condition is still present" if rule.latch else "it is not latched: it clears by itself"
             raise ResetRefused(f"alarm {alarm_id} cannot be reset: {reason}")
         rule.state = NORMAL
+        if isinstance(rule, LimitRule):
+            self._settle(rule.info.index)
         return rule.event("reset", None, ts, message="reset by hand")
+
+    def _configured(self, alarm_id: str) -> bool:
+        """An alarm the configuration defines, whether or not its rule was needed yet."""
+        point, _, kind = alarm_id.rpartition("/")
+        info = self.table.by_id.get(point)
+        if info is None:
+            return False
+        if kind == "comm_loss":
+            return True
+        return kind in _LIMIT_NAMES and info.limits is not None and not info.is_bool and \
+            getattr(info.limits, kind) is not None
 
     def set_halted(self, halted: bool, ts: int) -> list[AlarmEvent]:
         """The production state changed; back to normal clears every halt violation at once."""
@@ -170,21 +273,25 @@ class AlarmEngine:
 
     def active(self) -> list[str]:
         """Ids of the alarms raised now (latched ones included)."""
-        return sorted(rule_id for rule_id, rule in self.rules.items() if rule.state != NORMAL)
+        return sorted(self.states())
 
     def states(self) -> dict[str, str]:
         """What to save: the state of every alarm that is not normal."""
-        return {rule_id: rule.state for rule_id, rule in self.rules.items() if rule.state != NORMAL}
+        self._raised = {rule for rule in self._raised if rule.state != NORMAL}
+        return {rule.id: rule.state for rule in self._raised}
 
     def load(self, states: dict[str, str], now: int) -> list[str]:
         """Take back saved states (after a restart); returns ids that no longer exist in the configuration."""
         unknown = []
         for rule_id, state in states.items():
-            rule = self.rules.get(rule_id)
-            if rule is None or state not in (RAISED, LATCHED):
+            rule = self.rule(rule_id, make=True) if state in (RAISED, LATCHED) else None
+            if rule is None:
                 unknown.append(rule_id)
                 continue
             rule.state = state
+            self._raised.add(rule)
             if isinstance(rule, CommLossRule):
                 self._bad_since[rule.info.index] = now
+            if isinstance(rule, LimitRule):
+                self._settle(rule.info.index)
         return unknown

@@ -143,17 +143,22 @@ class RateRule(Rule):
         self.count = n + 1
 
     def feed(self, value: float, ts: int) -> AlarmEvent | None:
-        self._keep(ts, value)
+        stamps = self.stamps
+        if not self.count or ts - stamps[self.count - 1] >= self.step_ms:
+            self._keep(ts, value)
         # the oldest kept sample that is still inside the window (or the only one old enough)
-        first = 0
-        while first + 1 < self.count and ts - self.stamps[first + 1] >= self.window_ms:
+        first, count, window = 0, self.count, self.window_ms
+        while first + 1 < count and ts - stamps[first + 1] >= window:
             first += 1
-        span = ts - self.stamps[first]
-        if span < self.window_ms // 2 or span <= 0:
+        span = ts - stamps[first]
+        if span < window // 2 or span <= 0:
             return None  # too short a look to call it a trend
         rate = (value - self.values[first]) / span * 60_000
         too_fast_up = self.rise is not None and rate >= self.rise
         too_fast_down = self.fall is not None and -rate >= self.fall
+        if not (too_fast_up or too_fast_down) and self.state == NORMAL:
+            self.pending_since = None  # the usual case, as step() would take it, without its cost
+            return None
         if too_fast_up or too_fast_down:
             self.limit = self.rise if too_fast_up else -(self.fall or 0.0)
         return self.step(too_fast_up or too_fast_down, not (too_fast_up or too_fast_down), round(rate, 6), ts)

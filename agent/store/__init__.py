@@ -6,7 +6,8 @@ from agent.store.archive import Archive
 
 
 class Store(Archive):
-    """The whole store: database (agent.store.db), outbox (agent.store.outbox) and archive (agent.store.archive)."""
+    """The whole store: database (agent.store.db), outbox (agent.store.outbox), the point maps of compact
+    messages (agent.store.maps) and archive (agent.store.archive)."""
 
 
 __all__ = ["Store"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from agent.config.base import parse_duration
 from agent.core import QUALITY_NAMES
 from agent.store import Store
-from agent.store.archive import Sample
+from agent.store.chunks import Sample
 
 _AGO = re.compile(r"^\s*\d+(\.\d+)?\s*(ms|s|m|min|h|d)\s*$", re.ASCII)
 # the times a calendar can name, 0001-01-01 to 9999-12-31 (UTC), in ms: the store's integers hold them all

@@ -3,7 +3,8 @@ the platform's commands and answers them.
 
 A fresh connection (agent.uplink.session) serves each attempt, so paho never re-sends on its own: after a
 reconnect, whatever was not acknowledged is replayed from the store, flagged `hist`, on the schedule of
-agent.uplink.sender. The uplink never writes to the store except to mark acknowledged messages.
+agent.uplink.sender. On every connection the point maps of compact messages go first, retained, and data wait
+until the broker has them. The uplink never writes to the store except to mark acknowledged messages.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +24,7 @@ from agent.config.models import AgentIdentity, UplinkConfig
 from agent.messages import encode
 from agent.store import Store
 from agent.uplink.sender import Sender
-from agent.uplink.session import Session
+from agent.uplink.session import COMPRESS_LEVEL, Session
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +210,16 @@ class Uplink:
                           f"result of command {result.get('id')!r}")
 
     async def _send(self, session: Session) -> None:
-        """Send until the session closes; a store failure pauses sending, never ends the connection."""
+        """Send until the session closes, the point maps first; a store failure pauses sending, never ends the
+        connection."""
+        delay = self.cfg.reconnect_min
+        while not await self._publish_maps(session):
+            if session.closed.is_set():
+                return
+            # data the platform could not decode must not go; health and commands carry on meanwhile
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.closed.wait(), delay)
+            delay = min(delay * 2, self.cfg.reconnect_max)
         while not session.closed.is_set():
             try:
                 await self._send_from(session)
@@ -216,6 +227,30 @@ class Uplink:
                 if not self.store.recover_if_corrupt(exc):
                     log.error("uplink: reading the store failed: %s; retrying in 1s", exc)
                     await asyncio.sleep(1.0)
+
+    async def _publish_maps(self, session: Session) -> bool:
+        """Publish, retained, the point map in use and every map an unacknowledged message was written with;
+        True once the broker has acknowledged them all (at once when there are none)."""
+        maps = self.store.attempt("reading the point maps", self.store.maps_to_publish)
+        if maps is None:
+            return False
+        waiters = []
+        for map_id, message in maps:
+            payload = zlib.compress(message, COMPRESS_LEVEL) if self.cfg.compress else message
+            waiter = session.publish_other(self.topic(f"map/{map_id}"), payload, retain=True)
+            self._confirm(waiter, f"point map {map_id}")
+            waiters.append(waiter)
+        if not waiters:
+            return True
+        closed: asyncio.Future[Any] = asyncio.ensure_future(session.closed.wait())
+        try:
+            for waiter in waiters:
+                await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done() or waiter.exception() is not None:
+                    return False
+        finally:
+            closed.cancel()
+        return True
 
     async def _send_from(self, session: Session) -> None:
         """Live messages as they come; the backlog (stored before this connection) beside them, rate-bounded."""

@@ -1,7 +1,9 @@
 """Benchmark: a synthetic plant of N points, a mosquitto and the agent as separate processes; prints the
-delivered rate, the agent's CPU time per reading, its peak RSS and the alarm latency.
+delivered rate, the agent's CPU time per reading, its peak RSS, the alarm latency, polls done, the loop's longest
+stall, the delivery lag and the bytes on the wire per reading.
 
-    python -m bench [--points 10000] [--interval 1] [--duration 30] [--json]
+    python -m bench [--points 10000] [--interval 1] [--duration 30] [--repeat 3] [--json]
+    python -m bench --devices 200 --points-per-device 1000   # one TCP connection per device
 
 The plant simulator runs in this process (it must know when it crosses a limit); a subscriber here counts
 what the broker delivers. Alarm latency: the simulator sets a point above its high limit → the `raised`
@@ -33,6 +35,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from simulators.modbus import PlantSimulator, synthetic_config, synthetic_data
+from simulators.platform import payload_json
 
 PREFIX = "bench"
 
@@ -55,12 +58,16 @@ def wait_port(port: int, timeout: float = 10) -> None:
 
 
 class Subscriber:
-    """Counts delivered readings and timestamps alarm events, on paho's network thread."""
+    """Counts delivered readings, their payload bytes and lag, timestamps alarm events and keeps health reports,
+    on paho's network thread."""
 
     def __init__(self, port: int) -> None:
         self.lock = threading.Lock()
         self.readings = 0
         self.messages = 0
+        self.payload_bytes = 0
+        self.lags: list[float] = []  # ms from the oldest reading of a live message to its arrival
+        self.health: list[tuple[float, dict[str, Any]]] = []  # (arrival, report)
         self.raised: dict[str, float] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}")
         self.client.on_message = self._on_message
@@ -72,10 +79,24 @@ class Subscriber:
         now = time.time()
         leaf = msg.topic.rsplit("/", 1)[-1]
         if leaf == "data":
-            count = len(orjson.loads(msg.payload)["readings"])
+            message = payload_json(msg.payload)  # either version, compressed or not
+            if message.get("v") == 2:
+                count = sum(len(group["v"]) for group in message["g"])
+                times = [t for group in message["g"] for t in (group["t"] if isinstance(group["t"], list)
+                                                                else [group["t"]])]
+            else:
+                count = len(message["readings"])
+                times = [r["ts"] for r in message["readings"]]
+            oldest = min(times) if times and not message["hist"] else None
             with self.lock:
                 self.readings += count
                 self.messages += 1
+                self.payload_bytes += len(msg.payload)
+                if oldest is not None:
+                    self.lags.append(now * 1000 - oldest)
+        elif leaf == "health":
+            with self.lock:
+                self.health.append((now, orjson.loads(msg.payload)))
         elif leaf == "alarm":
             event = orjson.loads(msg.payload)
             if event["state"] == "raised" and event["type"] == "high" and not event["hist"]:
@@ -86,9 +107,18 @@ class Subscriber:
         with self.lock:
             return self.readings
 
+    def mark(self) -> tuple[int, int, int]:
+        """(readings, payload bytes, lags seen) so far."""
+        with self.lock:
+            return self.readings, self.payload_bytes, len(self.lags)
+
     def stop(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def channel_sum(report: dict[str, Any], key: str) -> int:
+    return sum(int(c.get(key, 0)) for c in report.get("channels", []))
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -165,13 +195,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     broker = Broker(workdir)
     broker.start()
-    config = synthetic_config(args.points, interval=args.interval, port=1, per_device=args.per_device)
+    shape = {"per_device": args.per_device, "channels": args.channels}
+    config = synthetic_config(args.points, interval=args.interval, port=1, **shape)
     plant = PlantSimulator(config, ports={c.id: 0 for c in config.channels})
     await plant.start()
     store_path = workdir / "store.db"
-    data = synthetic_data(args.points, interval=args.interval, port=1, per_device=args.per_device,
-                          uplink_port=broker.port, store=str(store_path))
-    data["uplink"].update({"prefix": PREFIX, "reconnect_min": 0.2, "reconnect_max": 1})
+    data = synthetic_data(args.points, interval=args.interval, port=1, uplink_port=broker.port,
+                          store=str(store_path), **shape)
+    data["uplink"].update({"prefix": PREFIX, "reconnect_min": 0.2, "reconnect_max": 1, "health_interval": 5,
+                           "encoding": "json" if args.wire == "json" else "compact",
+                           "compress": args.wire == "compressed"})
     if args.all_rules:
         # every rule that applies to a process value is evaluated: limits, on-delay, rate of change
         for channel in data["channels"]:
@@ -198,7 +231,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # 1. steady state: delivery, CPU, disk writes, alarm latency
         cpu0 = sum(proc.cpu_times()[:2])
         io0 = io_counters(agent.pid)
-        count0 = sub.count()
+        count0, bytes0, lags0 = sub.mark()
+        health0 = len(sub.health)
         t0 = time.monotonic()
         crossed: dict[str, float] = {}
         ids = [p.id for _, _, p in config.points()]
@@ -215,9 +249,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             while pending_release and pending_release[0][0] <= time.monotonic():
                 plant.release(pending_release.pop(0)[1])
         elapsed = time.monotonic() - t0
-        delivered = sub.count() - count0
+        count1, bytes1, lags1 = sub.mark()
+        delivered = count1 - count0
         cpu = sum(proc.cpu_times()[:2]) - cpu0
         io1 = io_counters(agent.pid)
+        polls = poll_figures(sub, health0, args.interval)
+        with sub.lock:
+            lags = sub.lags[lags0:lags1]
         await asyncio.sleep(2.0)  # late alarm events still count towards latency
         latencies = [(sub.raised[p] - t) * 1000 for p, t in crossed.items() if p in sub.raised]
         missing = len(crossed) - len(latencies)
@@ -254,9 +292,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "bytes_per_retained_reading": round(archive_bytes_per_reading(store_path), 2),
         "disk_writes_per_s": round((io1[0] - io0[0]) / elapsed, 1),
         "disk_write_kb_per_s": round((io1[1] - io0[1]) / elapsed / 1024, 1),
+        "skipped_polls": polls["skipped"],
+        "polls_expected": polls["expected"],
+        "polls_done": polls["done"],
+        "max_loop_stall_ms": polls["max_stall_ms"],
+        "lag_p99_ms": round(percentile(lags, 99), 1),
+        "wire_bytes_per_reading": round((bytes1 - bytes0) / max(delivered, 1), 2),
     }
     if not args.json:
-        print(f"points {args.points} at {args.interval:g}s, "
+        print(f"points {args.points} at {args.interval:g}s ({args.wire} `data`), "
               f"measured over {elapsed:.1f}s after {args.warmup:g}s warm-up")
         print(f"delivered           {result['readings_per_s']:>10,.1f} readings/s")
         print(f"agent CPU           {result['cpu_us_per_reading']:>10.2f} µs per reading "
@@ -271,8 +315,47 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"backlog drain       {result['backlog_drain_readings_per_s']:>10,.1f} readings/s "
                   f"({drained:,} readings after a {args.outage:g}s outage, beside live data)")
         print(f"history on disk     {result['bytes_per_retained_reading']:>10.2f} bytes per retained reading")
+        print(f"polls               {result['polls_done']:>10,} done of {result['polls_expected']:,} expected, "
+              f"{result['skipped_polls']:,} skipped (over {polls['window_s']:.0f}s of health reports)")
+        print(f"loop                {result['max_loop_stall_ms']:>10.1f} ms longest stall")
+        print(f"delivery lag        {result['lag_p99_ms']:>10.1f} ms p99 (oldest reading of each live message)")
+        print(f"wire                {result['wire_bytes_per_reading']:>10.2f} bytes of `data` payload per reading")
         print(f"files in {workdir}")
     return result
+
+
+def poll_figures(sub: Subscriber, first: int, interval: float) -> dict[str, Any]:
+    """Polls done and skipped, and the loop's longest stall, between the first health report of the window and
+    the last one (reports come every 5 s; the counters are the agent's own since it started)."""
+    with sub.lock:
+        reports = sub.health[max(0, first - 1):]
+    if len(reports) < 2:
+        return {"expected": 0, "done": 0, "skipped": 0, "max_stall_ms": float("nan"), "window_s": 0.0}
+    (_, a), (_, b) = reports[0], reports[-1]
+    done = channel_sum(b, "polls") - channel_sum(a, "polls")
+    skipped = channel_sum(b, "skipped_polls") - channel_sum(a, "skipped_polls")
+    window = (b["ts"] - a["ts"]) / 1000
+    devices = sum(len(c.get("devices", [])) for c in b.get("channels", []))
+    return {"expected": round(window / interval * devices), "done": done, "skipped": skipped,
+            "max_stall_ms": max(float(r.get("max_loop_stall_ms", 0.0)) for _, r in reports[1:]),
+            "window_s": window}
+
+
+SPREAD_KEYS = ("readings_per_s", "cpu_us_per_reading", "peak_rss_mb", "alarm_latency_p99_ms", "skipped_polls",
+               "max_loop_stall_ms", "lag_p99_ms", "wire_bytes_per_reading")
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure over the runs, and each figure's spread (lowest, highest)."""
+    out: dict[str, Any] = {}
+    for key in runs[0]:
+        values = sorted(float(r[key]) for r in runs)
+        middle = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1]
+                                                                     + values[len(values) // 2]) / 2
+        out[key] = round(middle, 2)
+    out["repeat"] = len(runs)
+    out["spread"] = {key: [min(float(r[key]) for r in runs), max(float(r[key]) for r in runs)] for key in runs[0]}
+    return out
 
 
 def main() -> None:
@@ -286,13 +369,39 @@ def main() -> None:
                         help="seconds of broker outage before measuring the backlog drain (0: skip; default 20)")
     parser.add_argument("--limits-only", dest="all_rules", action="store_false",
                         help="only four-level limits on each point (default: limits and rate of change)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="the plant as N devices, each on its own TCP connection (with --points-per-device)")
+    parser.add_argument("--points-per-device", type=int, default=None, metavar="M",
+                        help="points of each device with --devices (default 1000)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run N times; print the median of each figure and its spread (default 1)")
+    parser.add_argument("--wire", choices=("compact", "compressed", "json"), default="compact",
+                        help="the agent's `data` encoding: compact (contract version 2, the default here), compact "
+                        "and compressed, or json (version 1, the agent's own default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    if args.points < 1 or args.interval <= 0 or args.duration <= 0:
-        parser.error("--points, --interval and --duration must be positive")
-    result = asyncio.run(run(args))
+    args.channels = 1
+    if args.devices is not None or args.points_per_device is not None:
+        if args.devices is None or args.devices < 1 or args.devices > 255:
+            parser.error("--devices must be 1 to 255 (Modbus unit ids), given with --points-per-device")
+        args.per_device = args.points_per_device or 1000
+        args.points = args.devices * args.per_device
+        args.channels = args.devices
+    if args.points < 1 or args.interval <= 0 or args.duration <= 0 or args.repeat < 1:
+        parser.error("--points, --interval, --duration and --repeat must be positive")
+    runs = []
+    for n in range(args.repeat):
+        if args.repeat > 1 and not args.json:
+            print(f"--- run {n + 1} of {args.repeat}")
+        runs.append(asyncio.run(run(args)))
+    if args.repeat > 1 and not args.json:
+        summary = summarise(runs)
+        print(f"--- median of {args.repeat} runs (spread: lowest..highest)")
+        for key in SPREAD_KEYS:
+            low, high = summary["spread"][key]
+            print(f"{key:<24} {summary[key]:>12,.2f}   ({low:,.2f}..{high:,.2f})")
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(runs[0] if args.repeat == 1 else summarise(runs)))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,10 @@ class _Unit:
         self.unit = unit
         self.device_ids = [d.id for d in devices]
         self.dead = False
+        self.spikes: list[tuple[str, int, list[int]]] = []  # (table, address, words) served to one read only
+        self.answer_every = 1  # answer one request in so many (2: every other one), the others get silence
+        self.requests = 0
+        self.answered = 0
         ends = {t: 0 for t in ("holding", "input", "coil", "discrete")}
         for device in devices:
             for p in device.points:
@@ -150,6 +154,11 @@ class _Unit:
         first = (address >> 4 if table in BIT_TABLES else address) - start
         stop = min(first + count, len(words))
         registers[first:stop] = words[first:stop]
+        for spike in list(self.spikes):
+            at, spiked = spike[1] - start, spike[2]
+            if spike[0] == table and first <= at and at + len(spiked) <= stop:
+                registers[at:at + len(spiked)] = spiked  # this read only: the next one gets the real value
+                self.spikes.remove(spike)
         return None
 
     def put(self, point: ModbusPoint, raw: float | int | bool) -> None:
@@ -241,6 +250,10 @@ class _Channel:
             unit = self.units.get(pdu.dev_id)
             if unit is None or unit.dead:
                 return None
+            unit.requests += 1
+            if (unit.requests - 1) % unit.answer_every:
+                return None
+            unit.answered += 1
         return pdu
 
 
@@ -329,6 +342,15 @@ class ModbusPlant(Plant):
             served.run.held[served.index] = raw
             served.run.state[served.index] = raw
         self.changes.append((time.time(), point_id, served.held))
+
+    def spike_once(self, point_id: str, value: float) -> None:
+        """The next read of an analog register point gets `value` (a garbled frame, a glitch), the reads after it
+        the point's real value again."""
+        served = self._served(point_id)
+        point = served.point
+        if point.table in BIT_TABLES or point.type == "bool":
+            raise ValueError(f"point {point_id}: a spike is for analog register points")
+        served.unit.spikes.append((point.table, point.address, encode(point, _raw_of(point, value))))
 
     def value(self, point_id: str) -> float | bool:
         """The point's engineering value as it is served now."""
@@ -495,6 +517,15 @@ class PlantSimulator(ModbusPlant):
         """A dead device's unit receives requests but never answers, so the client times out."""
         channel = self._channel_of(self._channels, channel_id)
         self._device_of(channel_id, device_id, channel.units.values(), lambda unit: unit.device_ids).dead = dead
+
+    def set_device_flaky(self, channel_id: str, device_id: str, answer_every: int) -> tuple[int, int]:
+        """From now on the device's unit answers one request in `answer_every` (1: all) and stays silent to the
+        others; returns the (requests, answered) it counted until now, and starts counting again."""
+        channel = self._channel_of(self._channels, channel_id)
+        unit = self._device_of(channel_id, device_id, channel.units.values(), lambda u: u.device_ids)
+        counted = unit.requests, unit.answered
+        unit.answer_every, unit.requests, unit.answered = max(1, answer_every), 0, 0
+        return counted
 
     def set_channel_down(self, channel_id: str, down: bool) -> Awaitable[None]:
         """Down closes the listener and every open connection (the port refuses); up listens again on the same

@@ -1,6 +1,7 @@
 """County-platform simulator: listens to the agents' uplink on a real MQTT broker, checks every message
 against docs/schemas, and keeps what a platform keeps (de-duplicated by seq), so tests can prove nothing
-was lost.
+was lost. It reads `data` of both contract versions: version 1, and version 2 (compact, zlib-compressed or not)
+with the point maps it keeps from `map/+`; either becomes the same readings.
 
 It only listens and never publishes, so it cannot change what the agent does (config/cmd are not simulated).
 """
@@ -8,6 +9,7 @@ It only listens and never publishes, so it cannot change what the agent does (co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import logging
 import queue
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +40,11 @@ KINDS = ("data", "alarm", "status", "health")
 # Platform → agent exchanges reserved for a later contract version; seen on `{prefix}/#` but not checked.
 RESERVED_KINDS = frozenset({"config/set", "config/result"})
 MAX_GAPS_LISTED = 100_000
+# version 2 (compact): the schema of its data messages and of the point maps on `map/{id}`
+COMPACT_SCHEMAS = ("data-v2", "map")
+QUALITY_NAMES = ("good", "uncertain", "bad")
+REASONS = frozenset({"frozen", "spike", "range_end", "out_of_range", "device_ts", "comm"})
+MAX_PAYLOAD = 64 * 1024 * 1024  # what a compressed payload may inflate to at most
 
 Value = float | bool | None
 MessageHook = Callable[[str, dict[str, Any]], None]
@@ -56,6 +64,7 @@ class Reading(NamedTuple):
     value: Value
     quality: str
     hist: bool
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,7 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _ENTERPRISE = re.compile(r"[A-Za-z0-9_\-]+")
 _DATA_KEYS = frozenset({"v", "seq", "hist", "agent", "enterprise", "readings"})
 _READING_KEYS = frozenset({"point", "ts", "value", "quality"})
+_READING_KEYS_WITH_REASON = _READING_KEYS | {"reason"}
 _QUALITIES = frozenset({"good", "uncertain", "bad"})
 _NUMBER_OR_BOOL = frozenset({int, float, bool})
 _MAX_SEQ = 2**53 - 1
@@ -175,8 +185,13 @@ class _FastDataCheck:
             return False
         names = self._names
         for r in readings:
-            if type(r) is not dict or r.keys() != _READING_KEYS:
+            if type(r) is not dict:
                 return False
+            if r.keys() != _READING_KEYS:
+                reason = r.get("reason")
+                if r.keys() != _READING_KEYS_WITH_REASON or type(reason) is not str or reason not in REASONS \
+                        or r["quality"] == "good":
+                    return False
             point, ts, value, quality = r["point"], r["ts"], r["value"], r["quality"]
             if not (type(point) is str and point in names) and not self._name_ok(point, _ID):
                 return False
@@ -199,7 +214,127 @@ def load_validators(schema_dir: Path = SCHEMA_DIR) -> dict[str, jsonschema.proto
         validators[kind] = jsonschema.Draft202012Validator(schema)
     result_schema = orjson.loads((schema_dir / "cmd-result.schema.json").read_bytes())
     validators["cmd/result"] = jsonschema.Draft202012Validator(result_schema)
+    for name in COMPACT_SCHEMAS:
+        schema = orjson.loads((schema_dir / f"{name}.schema.json").read_bytes())
+        jsonschema.Draft202012Validator.check_schema(schema)
+        validators[name] = jsonschema.Draft202012Validator(schema)
     return validators
+
+
+# -- version 2 (compact) --------------------------------------------------------------------------------------
+
+Row = tuple[str, int, Value, str, str | None]  # point, ts, value, quality, reason
+
+
+def payload_json(payload: bytes | bytearray) -> Any:
+    """A `data` or `map` payload as JSON: as it is when it begins with `{`, else inflated first (the agent's
+    uplink.compress); ValueError when it is neither JSON nor zlib-compressed JSON."""
+    if payload[:1] != b"{":
+        inflater = zlib.decompressobj()
+        try:
+            text = inflater.decompress(payload, MAX_PAYLOAD)
+        except zlib.error as exc:
+            try:
+                return orjson.loads(payload)  # JSON after all (with leading space, say)
+            except orjson.JSONDecodeError:
+                raise ValueError(f"not UTF-8 JSON nor zlib-compressed JSON ({exc}): {bytes(payload[:80])!r}") from None
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ValueError("a compressed payload that is cut short or inflates beyond 64 MiB")
+        payload = text
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not UTF-8 JSON ({exc}): {bytes(payload[:80])!r}") from None
+
+
+def map_id_of(devices: list[Any]) -> str:
+    """What a map's id must be: the first 12 hex digits of SHA-256 over its `devices` array, written without
+    spaces in the order received."""
+    return hashlib.sha256(orjson.dumps(devices)).hexdigest()[:12]
+
+
+def map_devices(msg: dict[str, Any]) -> list[list[str]]:
+    """A point map message (schema-checked) as each device's point ids; ValueError when its id is not its digest."""
+    if map_id_of(msg["devices"]) != msg["map"]:
+        raise ValueError(f"map {msg['map']!r} is not the digest of its devices ({map_id_of(msg['devices'])})")
+    return [list(device["points"]) for device in msg["devices"]]
+
+
+def compact_rows(msg: dict[str, Any], devices: Sequence[Sequence[str]]) -> list[Row]:
+    """The readings of a version 2 `data` message (schema-checked) with its map's devices; ValueError naming
+    the first thing the schema cannot say is wrong (a device, offset or `q` entry out of range, a null value
+    that is not `bad`, a reading listed twice in `q`)."""
+    rows: list[Row] = []
+    starts: list[int] = []
+    for n, group in enumerate(msg["g"]):
+        d, t, o, values = group["d"], group["t"], group["o"], group["v"]
+        if d >= len(devices):
+            raise ValueError(f"$.g[{n}].d: device {d}, but map {msg['map']} has {len(devices)}")
+        points = devices[d]
+        count = len(values)
+        if isinstance(o, int):
+            offsets = range(o, o + count)
+        elif len(o) == count:
+            offsets = o
+        else:
+            raise ValueError(f"$.g[{n}].o: {len(o)} offsets for {count} values")
+        if max(offsets) >= len(points):
+            raise ValueError(f"$.g[{n}].o: offset {max(offsets)}, but device {d} has {len(points)} points")
+        if isinstance(t, int):
+            times = [t] * count
+        elif len(t) == count:
+            times = t
+        else:
+            raise ValueError(f"$.g[{n}].t: {len(t)} times for {count} values")
+        starts.append(len(rows))
+        rows.extend((points[x], ts, value, "good", None) for x, ts, value in zip(offsets, times, values, strict=True))
+    starts.append(len(rows))
+    flagged: set[int] = set()
+    for n, flag in enumerate(msg.get("q", [])):
+        g, p, code = flag[0], flag[1], flag[2]
+        if g >= len(starts) - 1 or starts[g] + p >= starts[g + 1]:
+            raise ValueError(f"$.q[{n}]: group {g}, position {p} is no reading of this message")
+        k = starts[g] + p
+        if k in flagged:
+            raise ValueError(f"$.q[{n}]: group {g}, position {p} is listed twice")
+        flagged.add(k)
+        point, ts, value, _, _ = rows[k]
+        rows[k] = (point, ts, value, QUALITY_NAMES[code], flag[3] if len(flag) > 3 else None)
+    for k, (point, _, value, quality, _) in enumerate(rows):
+        if value is None and quality != "bad":
+            raise ValueError(f"reading {k} ({point}) is null but not bad: null needs a `q` entry of quality 2")
+    return rows
+
+
+def count_readings(payload: bytes | bytearray) -> int:
+    """How many readings one `data` payload holds, either version, compressed or not (ValueError when it is not
+    a data message). A compact message has one value a reading, so no map is needed to count."""
+    msg = payload_json(payload)
+    if not isinstance(msg, dict):
+        raise ValueError("a data payload is a JSON object")
+    if msg.get("v") == 2:
+        return sum(len(group["v"]) for group in msg["g"])
+    return len(msg["readings"])
+
+
+class DataDecoder:
+    """Reads `data` payloads of either version into (point, ts, value, quality, reason) rows, with the point maps
+    of one agent given to `add_map` (payloads of `map/{id}`), as a platform (or a benchmark) does."""
+
+    def __init__(self) -> None:
+        self.maps: dict[str, list[list[str]]] = {}
+
+    def add_map(self, payload: bytes | bytearray) -> str:
+        msg = payload_json(payload)
+        self.maps[msg["map"]] = map_devices(msg)
+        return str(msg["map"])
+
+    def rows(self, payload: bytes | bytearray) -> list[Row]:
+        """KeyError for a compact message whose map was not given; ValueError for one that does not decode."""
+        msg = payload_json(payload)
+        if msg.get("v") == 2:
+            return compact_rows(msg, self.maps[msg["map"]])
+        return [(r["point"], r["ts"], r["value"], r["quality"], r.get("reason")) for r in msg["readings"]]
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -223,6 +358,10 @@ class PlatformSimulator:
     The session is persistent (MQTT 3.1.1, clean session false), so the broker queues messages for us while
     we reconnect, across a broker restart too when the broker persists sessions (mosquitto keeps MQTT 5
     sessions only within one run, hence 3.1.1). `stop()` ends the session.
+
+    Version 2 (compact) `data` are decoded with the agent's point map of that id, kept from `map/{id}` (checked
+    against its schema and its digest); a message whose map has not arrived waits for it (`waiting_for_maps`),
+    and is neither kept nor counted until then.
     """
 
     def __init__(
@@ -259,6 +398,8 @@ class PlatformSimulator:
         self._errors: list[str] = []
         self._agents: dict[tuple[str, str], _AgentState] = {}
         self._received = 0
+        self._maps: dict[tuple[str, str, str], list[list[str]]] = {}  # (enterprise, agent, map id) -> devices
+        self._parked: dict[tuple[str, str, str], list[tuple[str, dict[str, Any], str]]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -421,6 +562,9 @@ class PlatformSimulator:
         enterprise, agent, kind = parts
         if kind in RESERVED_KINDS or kind == "cmd":  # `cmd` is what this platform itself sends
             return
+        if kind.startswith("map/"):
+            self._keep_map(topic, enterprise, agent, kind.removeprefix("map/"), payload)
+            return
         if kind == "cmd/result":
             self._keep_result(topic, payload)
             return
@@ -430,16 +574,21 @@ class PlatformSimulator:
         if kind == "status" and not payload:  # someone deleted the retained status; not a message of the agent
             return
         try:
-            msg = orjson.loads(payload)
+            msg = payload_json(payload) if kind == "data" else orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             self._reject(f"{topic}: not UTF-8 JSON ({exc}): {payload[:80]!r}")
+            return
+        except ValueError as exc:
+            self._reject(f"{topic}: {exc}")
             return
         if not isinstance(msg, dict):
             self._reject(f"{topic}: the payload is {type(msg).__name__}, not a JSON object")
             return
         where = f"{topic} seq={msg['seq']}" if "seq" in msg else topic
-        if self.validate and not (kind == "data" and self._fast_data_check(msg)):
-            errors = [_describe(e) for e in itertools.islice(self._validators[kind].iter_errors(msg), 3)]
+        compact = kind == "data" and msg.get("v") == 2
+        if self.validate and not (kind == "data" and not compact and self._fast_data_check(msg)):
+            validator = self._validators["data-v2" if compact else kind]
+            errors = [_describe(e) for e in itertools.islice(validator.iter_errors(msg), 3)]
             if errors:
                 self._reject(f"{where}: " + "; ".join(errors))
                 return
@@ -452,12 +601,63 @@ class PlatformSimulator:
         if kind == "alarm" and msg.get("id") != f"{msg.get('point')}/{msg.get('type')}":
             self._reject(f"{where}: alarm id {msg.get('id')!r} is not point/type")
             return
+        self._accept(topic, enterprise, agent, kind, msg, where)
+
+    def _accept(self, topic: str, enterprise: str, agent: str, kind: str, msg: dict[str, Any], where: str) -> None:
+        """Keep a checked message; a compact one is decoded with its map first, or waits for the map."""
+        rows: list[Row] | None = None
         try:
-            self._keep(enterprise, agent, kind, msg)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # only reachable with validate=False
+            if kind == "data" and msg.get("v") == 2:
+                key = (enterprise, agent, msg["map"])
+                with self._lock:
+                    devices = self._maps.get(key)
+                    if devices is None:
+                        self._parked.setdefault(key, []).append((topic, msg, where))
+                        return
+                try:
+                    rows = compact_rows(msg, devices)
+                except ValueError as exc:
+                    self._reject(f"{where}: {exc}")
+                    return
+            self._keep(enterprise, agent, kind, msg, rows)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # only with validate=False
             self._reject(f"{where}: cannot be kept ({type(exc).__name__}: {exc})")
             return
         self._call_hook(topic, msg)
+
+    def _keep_map(self, topic: str, enterprise: str, agent: str, map_id: str, payload: bytes | bytearray) -> None:
+        """A point map (retained on `map/{id}`): checked, kept, and the messages that waited for it decoded."""
+        if not payload:  # someone deleted the retained map; what was decoded with it stays
+            return
+        try:
+            msg = payload_json(payload)
+        except ValueError as exc:
+            self._reject(f"{topic}: {exc}")
+            return
+        if not isinstance(msg, dict):
+            self._reject(f"{topic}: the payload is {type(msg).__name__}, not a JSON object")
+            return
+        if self.validate:
+            errors = [_describe(e) for e in itertools.islice(self._validators["map"].iter_errors(msg), 3)]
+            if errors:
+                self._reject(f"{topic}: " + "; ".join(errors))
+                return
+        if msg.get("enterprise") != enterprise or msg.get("agent") != agent or msg.get("map") != map_id:
+            self._reject(f"{topic}: payload names {msg.get('enterprise')!r}/{msg.get('agent')!r} map "
+                         f"{msg.get('map')!r}, the topic {enterprise!r}/{agent!r} map {map_id!r}")
+            return
+        try:
+            devices = map_devices(msg)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._reject(f"{topic}: {exc}")
+            return
+        key = (enterprise, agent, map_id)
+        with self._lock:
+            self._maps[key] = devices
+            waiting = self._parked.pop(key, [])
+        self._call_hook(topic, msg)
+        for data_topic, data_msg, where in waiting:
+            self._accept(data_topic, enterprise, agent, "data", data_msg, where)
 
     def _keep_result(self, topic: str, payload: bytes | bytearray) -> None:
         try:
@@ -503,7 +703,7 @@ class PlatformSimulator:
 
         return found[0] if self.wait_for(arrived, timeout) else None
 
-    def _keep(self, enterprise: str, agent: str, kind: str, msg: dict[str, Any]) -> None:
+    def _keep(self, enterprise: str, agent: str, kind: str, msg: dict[str, Any], decoded: list[Row] | None) -> None:
         if kind == "status":
             with self._lock:
                 self._statuses.append(msg)
@@ -518,9 +718,12 @@ class PlatformSimulator:
             raise TypeError("seq must be an integer and hist a boolean")
         alarm_state = msg["state"] if kind == "alarm" else None
         rows: list[Reading] = []
-        if kind == "data":
+        if decoded is not None:
+            rows = [Reading(enterprise, agent, point, ts, value, quality, hist, reason)
+                    for point, ts, value, quality, reason in decoded]
+        elif kind == "data":
             rows = [
-                Reading(enterprise, agent, r["point"], r["ts"], r["value"], r["quality"], hist)
+                Reading(enterprise, agent, r["point"], r["ts"], r["value"], r["quality"], hist, r.get("reason"))
                 for r in msg["readings"]
             ]
         with self._lock:
@@ -562,6 +765,16 @@ class PlatformSimulator:
         """Every health message, in arrival order."""
         with self._lock:
             return list(self._health)
+
+    def maps(self) -> dict[tuple[str, str, str], list[list[str]]]:
+        """The point maps kept, by (enterprise, agent, map id): each device's point ids."""
+        with self._lock:
+            return dict(self._maps)
+
+    def waiting_for_maps(self) -> int:
+        """Compact `data` messages held until their point map arrives (not kept, not counted yet)."""
+        with self._lock:
+            return sum(len(waiting) for waiting in self._parked.values())
 
     def schema_errors(self) -> list[str]:
         """One line per rejected message: not JSON, failed its schema, or contradicts its topic."""
@@ -639,6 +852,15 @@ def format_message(topic: str, msg: dict[str, Any]) -> str:
     kind = topic.rsplit("/", 1)[-1]
     who = f"{msg.get('enterprise')}/{msg.get('agent')}"
     clock = time.strftime("%H:%M:%S")
+    if topic.rsplit("/", 2)[-2] == "map":
+        points = sum(len(d["points"]) for d in msg["devices"])
+        return f"{clock} map    {who} {msg['map']}: {len(msg['devices'])} devices, {points} points"
+    if kind == "data" and msg["v"] == 2:
+        values = [v for group in msg["g"] for v in group["v"]]
+        shown = ", ".join(_fmt(v) for v in values[:4]) + (f", … +{len(values) - 4}" if len(values) > 4 else "")
+        hist = "hist" if msg["hist"] else "live"
+        return (f"{clock} data   {who} seq={msg['seq']} {hist} {len(values)} readings (compact, map {msg['map']}, "
+                f"{len(msg.get('q', []))} not good): {shown}")
     if kind == "data":
         readings = msg["readings"]
         shown = ", ".join(

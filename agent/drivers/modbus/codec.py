@@ -139,15 +139,25 @@ def encode(point: ModbusPoint, value: float | int | bool) -> list[int]:
 # --- block planning ----------------------------------------------------------------------------------
 
 
+Member = tuple[int, Callable[[bytes, int], Any] | None, int]
+_STRUCTS: dict[str, struct.Struct] = {}
+
+
 @dataclass
 class Block:
-    """One read request and where each of its points lies inside the reply."""
+    """One read request and where each of its points lies inside the reply.
+
+    Register points of one type and byte order that follow each other in the device's list and in the block are
+    a run, decoded with one struct call; the others have a decoder of their own.
+    """
 
     table: str
     start: int
     count: int
-    # (index of the point in its device, decoder or None for bits, byte offset or bit offset)
-    members: list[tuple[int, Callable[[bytes, int], Any] | None, int]] = field(default_factory=list)
+    # (index of the point in its device, decoder (None for bits and for points in a run), byte or bit offset)
+    members: list[Member] = field(default_factory=list)
+    # (index of the run's first point, how many, its unpack_from, byte offset)
+    runs: list[tuple[int, int, Callable[[bytes, int], tuple[Any, ...]], int]] = field(default_factory=list)
 
     @property
     def function(self) -> int:
@@ -155,6 +165,50 @@ class Block:
 
     def describe(self) -> str:
         return f"{self.table} {self.start}..{self.start + self.count - 1}"
+
+
+def _runnable(point: ModbusPoint) -> str | None:
+    """The struct byte order ('>' or '<') a point can be decoded in within a run, or None."""
+    if point.type == "bool":
+        return None
+    size = REGISTERS[point.type] * 2
+    if point.order == "ABCD" or (size == 2 and point.order == "CDAB"):
+        return ">"
+    if point.order == "DCBA" or (size == 2 and point.order == "BADC"):
+        return "<"
+    return None
+
+
+def _compile(block: Block, entries: list[tuple[int, ModbusPoint, int]]) -> None:
+    """Fill the block's members and runs from (index in the device, point, byte offset), in address order."""
+    run: list[tuple[int, ModbusPoint, int]] = []
+
+    def close() -> None:
+        if len(run) < 2:
+            block.members.extend((index, decoder(point), offset) for index, point, offset in run)
+        else:
+            order = _runnable(run[0][1])
+            fmt, end = order or ">", run[0][2]
+            for _, point, offset in run:
+                fmt += (f"{offset - end}x" if offset > end else "") + _STRUCT_CHAR[point.type]
+                end = offset + REGISTERS[point.type] * 2
+            unpack = _STRUCTS.setdefault(fmt, struct.Struct(fmt)).unpack_from
+            block.runs.append((run[0][0], len(run), unpack, run[0][2]))
+            block.members.extend((index, None, offset) for index, _, offset in run)
+        run.clear()
+
+    for entry in entries:
+        index, point, offset = entry
+        if run:
+            last_index, last, last_offset = run[-1]
+            if not (index == last_index + 1 and _runnable(point) is not None and _runnable(point) == _runnable(last)
+                    and offset >= last_offset + REGISTERS[last.type] * 2):
+                close()
+        if _runnable(point) is None:
+            block.members.append((index, decoder(point), offset))
+        else:
+            run.append(entry)
+    close()
 
 
 def plan_blocks(device: ModbusDevice) -> list[Block]:
@@ -167,6 +221,7 @@ def plan_blocks(device: ModbusDevice) -> list[Block]:
         entries = sorted(by_table.get(table, []), key=lambda e: (e[1].address, e[0]))
         limit = device.max_bits if table in BIT_TABLES else device.max_registers
         current: Block | None = None
+        pending: list[tuple[int, ModbusPoint, int]] = []
         for index, point in entries:
             end = point.address + point.width()
             if current is not None:
@@ -175,14 +230,17 @@ def plan_blocks(device: ModbusDevice) -> list[Block]:
                 if gap <= device.max_gap and max(end, current_end) - current.start <= limit:
                     current.count = max(end, current_end) - current.start
                 else:
-                    current = None
+                    _compile(current, pending)
+                    current, pending = None, []
             if current is None:
                 current = Block(table, point.address, point.width())
                 blocks.append(current)
             if table in BIT_TABLES:
                 current.members.append((index, None, point.address - current.start))
             else:
-                current.members.append((index, decoder(point), (point.address - current.start) * 2))
+                pending.append((index, point, (point.address - current.start) * 2))
+        if current is not None and pending:
+            _compile(current, pending)
     return blocks
 
 
@@ -255,9 +313,12 @@ def decode_block(block: Block, data: bytes, values: list[Any]) -> None:
     if bits:
         for index, _, bit in block.members:
             values[index] = bool(data[bit >> 3] & (1 << (bit & 7)))
-    else:
-        for index, decode, offset in block.members:
-            values[index] = decode(data, offset)  # type: ignore[misc]
+        return
+    for first, count, unpack, offset in block.runs:
+        values[first:first + count] = unpack(data, offset)
+    for index, decode, offset in block.members:
+        if decode is not None:
+            values[index] = decode(data, offset)
 
 
 class BlockReader:
