@@ -32,10 +32,11 @@ class MessageKind(IntEnum):
 
     ALARM = 0
     DATA = 1
+    QUALITY = 2  # the daily data-quality report
 
 
-KIND_ALARM, KIND_DATA = int(MessageKind.ALARM), int(MessageKind.DATA)
-KIND_NAMES = {KIND_ALARM: "alarm", KIND_DATA: "data"}
+KIND_ALARM, KIND_DATA, KIND_QUALITY = int(MessageKind.ALARM), int(MessageKind.DATA), int(MessageKind.QUALITY)
+KIND_NAMES = {KIND_ALARM: "alarm", KIND_DATA: "data", KIND_QUALITY: "quality"}
 
 
 class AckState(IntEnum):

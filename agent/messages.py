@@ -120,6 +120,11 @@ def alarm_body(identity: str, event: AlarmEvent) -> bytes:
     return identity.encode() + orjson.dumps(fields)[1:]
 
 
+def report_body(identity: str, report: dict[str, Any]) -> bytes:
+    """The stored body of a daily `quality` report."""
+    return identity.encode() + orjson.dumps(report)[1:]
+
+
 def frame(seq: int, hist: bool, body: bytes) -> bytes:
     """The published payload: the versioned header (version 2 for a compact body), then the stored body."""
     version = 2 if body.startswith(PREFIX) else 1

@@ -48,6 +48,10 @@ def test_demo_uses_mosquitto_when_installed_delivers_everything_and_exits_0(tmp_
     assert "broker: mosquitto on 127.0.0.1:" in stdout
     assert_everything_delivered(summary)
     assert "nothing lost" in stdout
+    # the demo plays a frozen gas detector and a garbled frame, and shows each device's online rate
+    assert summary["reasons"].get("frozen", 0) > 0 and summary["reasons"].get("spike", 0) > 0, summary["reasons"]
+    assert "readings not good: frozen" in stdout and "online rate (last hour)" in stdout
+    assert summary["online"] and all(rate is None or 0 <= rate <= 1 for rate in summary["online"].values())
 
 
 @pytest.mark.timeout(120)

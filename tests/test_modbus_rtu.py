@@ -446,7 +446,7 @@ def test_the_gas_leak_passes_both_alarm_levels_on_the_wire_and_clears(tmp_path: 
 
     async def main() -> tuple[list[float], float]:
         async with serving(config, tmp_path) as (sim, cfg):
-            assert sim.scenarios() == ["gas_leak"]
+            assert sim.scenarios() == ["gas_leak", "frozen_detector"]
             channel = cfg.channels[0]
             driver = driver_of(channel)
             seen: list[float] = []

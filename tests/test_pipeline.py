@@ -162,3 +162,40 @@ def test_a_flush_cut_short_by_a_crash_is_not_archived_twice(tmp_path: Path) -> N
         assert not store.archive_partial()
         for point in ("LT-101", "LT-102", "SW-1"):
             assert [s.ts for s in store.history(point, 0, 10_000)] == [1000, 2000, 3000, 4000, 5000], point
+
+
+def test_the_daily_quality_report_is_stored_once_and_framed_as_its_schema_says(tmp_path: Path) -> None:
+    import json
+    from datetime import datetime, timedelta
+
+    import jsonschema
+
+    from agent.core import KIND_QUALITY
+    from agent.messages import frame
+
+    today = datetime.now().replace(hour=12, minute=0, second=0, microsecond=0)
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(config(), store)
+        slot = pipeline.table.devices[0]
+        for k in range(4):  # four polls yesterday, the last one bad
+            ts = int((today - timedelta(days=1)).timestamp() * 1000) + k * 1000
+            pipeline.ingest(ReadingBatch(ts, list(slot.indices), [1.0 + k, 2.0, True],
+                                         [GOOD if k < 3 else 2] * 3))
+            pipeline.polled(slot, ts)
+        pipeline.polled(slot, int(today.timestamp() * 1000))  # today: yesterday is complete
+        assert pipeline.judge.last_day_end
+        pipeline.store_report()
+        pipeline.store_report()  # asked again: the day is reported once
+    with Store(tmp_path / "s.db") as store:
+        again = Pipeline(config(), store)  # after a restart too
+        again.judge.expected(again.table.devices[0], int((today - timedelta(days=1)).timestamp() * 1000))
+        again.judge.expected(again.table.devices[0], int(today.timestamp() * 1000))
+        again.store_report()
+        rows = store.fetch(0, kind=KIND_QUALITY, limit=10)
+        assert len(rows) == 1
+        message = json.loads(frame(rows[0].seq, False, rows[0].body))
+    schema = json.loads((Path(__file__).parent.parent / "docs/schemas/quality.schema.json").read_text())
+    assert list(jsonschema.Draft202012Validator(schema).iter_errors(message)) == []
+    device = message["devices"][0]
+    assert (device["polls"], device["expected"], device["good"]) == (4, 12, 9)
+    assert message["day"] == (today - timedelta(days=1)).date().isoformat()

@@ -19,8 +19,8 @@ import orjson
 
 from agent.config.models import AgentConfig
 from agent.config.points import DeviceSlot, PointTable
-from agent.core import BAD, GOOD, KIND_ALARM, KIND_DATA, UNCERTAIN, AlarmEvent, ReadingBatch
-from agent.messages import DataEncoder, alarm_body, identity_fields, read_readings
+from agent.core import BAD, GOOD, KIND_ALARM, KIND_DATA, KIND_QUALITY, UNCERTAIN, AlarmEvent, ReadingBatch
+from agent.messages import DataEncoder, alarm_body, identity_fields, read_readings, report_body
 from agent.rules.energy import DailyEnergy
 from agent.rules.engine import AlarmEngine
 from agent.rules.quality import ALARM_TYPE, QualityRules
@@ -63,6 +63,7 @@ class Pipeline:
         self._pending_since = 0.0
         self.readings_in = 0
         self.stopping = False  # set by the daemon when a stop begins: no alarm is raised from then on
+        self._reported_day = 0  # end of the day whose quality report is stored
         self.events_out = 0
         self.lost_readings = 0  # readings the store refused (disk full, unreadable file)
         self._unstored: list[tuple[bytes, int]] = []  # alarm events the store refused, retried first
@@ -296,6 +297,8 @@ class Pipeline:
                 break  # a stop began while sleeping: comm loss of devices the agent stopped polling is no alarm
             now = int(time.time() * 1000)
             events = self.alarms.tick(now) + self.judge.tick(now)
+            if self.judge.last_day_end and self.judge.last_day_end != self._reported_day:
+                self.store_report()
             confirmed = self.judge.take_confirmed()  # jumps no sample contradicted: the alarm rules see them now
             if confirmed is not None:
                 events += self.alarms.evaluate(confirmed)
@@ -303,6 +306,26 @@ class Pipeline:
                 self.store_events(events)
             if self._pending and time.monotonic() - self._pending_since >= self.max_delay:
                 self.flush()
+
+    def store_report(self) -> None:
+        """Store the daily `quality` report of the day just ended, once (the day is remembered in the store, so
+        a restart does not send it twice); delivered like alarm events, before the backlog of readings."""
+        report = self.judge.daily_report()
+        day_end = self.judge.last_day_end
+        if report is None:
+            return
+
+        def write() -> bool:
+            with self.store.transaction(durable=True):
+                if int(self.store.meta("quality_reported", 0) or 0) < day_end:
+                    self.store.append(KIND_QUALITY, 0, report_body(self.identity, report))
+                    self.store.set_meta("quality_reported", day_end)
+            return True
+
+        if self.store.attempt("storing the daily quality report", write) is not None:
+            self._reported_day = day_end
+            log.info("daily data-quality report for %s stored", report["day"])
+            self.on_stored()
 
     def polled(self, slot: DeviceSlot, ts: int) -> None:
         """One poll slot of a device came (read, failed or backed off): its points each owed a sample."""

@@ -625,6 +625,11 @@ class QualityRules:
                     day[i] = round(1 - (self._miss_day[i] + wd * self._miss_prev_day[i]) / polls_d, 4)
         return hour, day
 
+    @property
+    def last_day_end(self) -> int:
+        """The end (ms) of the last complete day counted, 0 before one has ended: `daily_report` changes with it."""
+        return self._prev_day_end
+
     def daily_report(self) -> dict[str, Any] | None:
         """The body of the `quality` message for the last complete local day (docs/protocol.md, `quality`), without
         the fields the uplink frames it with; None until a day has ended since the start. The same day's report

@@ -156,7 +156,7 @@ class Archive(PointMaps):
             self.db.execute("DELETE FROM archive WHERE end < ?", (before,))
             self.add_meta("archive_readings", -int(readings))
             events = self.db.execute(
-                "DELETE FROM outbox WHERE kind = 0 AND acked = 1 AND created < ?", (before,)
+                "DELETE FROM outbox WHERE kind IN (0, 2) AND acked = 1 AND created < ?", (before,)
             ).rowcount
             self.db.execute("DELETE FROM outbox WHERE acked = 2 AND created < ?", (before,))
         return int(readings), int(events)

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-from agent.core import KIND_ALARM, KIND_DATA
+from agent.core import KIND_ALARM, KIND_NAMES
 from agent.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Outbox(Database):
         """Write one message and return its seq; durable once the enclosing transaction commits."""
         created = created if created is not None else int(time.time() * 1000)
         enc = ENC_RAW
-        if kind == KIND_DATA:
+        if kind != KIND_ALARM:  # readings and daily reports are large and compress well
             body, enc = zlib.compress(body, 1), ENC_ZLIB
         cur = self.db.execute(
             "INSERT INTO outbox (kind, created, count, enc, body) VALUES (?, ?, ?, ?, ?)",
@@ -65,8 +65,10 @@ class Outbox(Database):
             self.db.executemany("UPDATE outbox SET acked = 1 WHERE seq BETWEEN ? AND ?", runs)
         return sum(b - a + 1 for a, b in runs)
 
-    def fetch(self, after: int, *, upto: int | None = None, kind: int | None = None, limit: int = 100) -> list[Row]:
-        """Messages not yet acknowledged with seq > after (and <= upto), oldest first, bodies as published."""
+    def fetch(self, after: int, *, upto: int | None = None, kind: int | None = None,
+              kinds: tuple[int, ...] | None = None, limit: int = 100) -> list[Row]:
+        """Messages not yet acknowledged with seq > after (and <= upto), of `kind` or any of `kinds` when given,
+        oldest first, bodies as published."""
         sql = "SELECT seq, kind, created, count, enc, body FROM outbox WHERE acked = 0 AND seq > ?"
         args: list[int] = [after]
         if upto is not None:
@@ -75,6 +77,9 @@ class Outbox(Database):
         if kind is not None:
             sql += " AND kind = ?"
             args.append(kind)
+        if kinds is not None:
+            sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            args.extend(kinds)
         sql += " ORDER BY seq LIMIT ?"
         args.append(limit)
         rows = []
@@ -88,7 +93,7 @@ class Outbox(Database):
     def _quarantine(self, seq: int, kind: int, count: int, exc: Exception) -> None:
         """A stored message that cannot be decoded: set aside (never sent, counted), so it blocks nothing."""
         log.error("store: message seq %d (%s, %d readings) is damaged and is set aside: %s",
-                  seq, "alarm" if kind == KIND_ALARM else "data", count, exc)
+                  seq, KIND_NAMES.get(kind, str(kind)), count, exc)
         with self.transaction():
             self.db.execute("UPDATE outbox SET acked = 2 WHERE seq = ?", (seq,))
             self.add_meta("damaged_messages", 1)

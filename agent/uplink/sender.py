@@ -1,6 +1,7 @@
 """The sender's schedule: what to hand the broker next. Live messages first, in the whole in-flight window; the
 backlog (what was stored before this connection) beside them, alarm events before data, in a small share of
-the window and at a bounded rate of readings per second (a token bucket).
+the window and at a bounded rate of readings per second (a token bucket). Daily reports go with the alarm
+events (EVENT_KINDS): few, small in readings, and each worth more than a batch of readings.
 
 Pure bookkeeping: it reads no store and sends nothing; the uplink asks it and tells it what happened.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.core import KIND_ALARM, KIND_DATA
+from agent.core import KIND_ALARM, KIND_DATA, KIND_QUALITY
+
+EVENT_KINDS = (KIND_ALARM, KIND_QUALITY)  # the backlog that goes before data
 
 # the backlog's share of the in-flight window: half of it and at most 16 messages (8,000 readings), which keeps a
 # drain's memory small and is plenty on any real link
@@ -77,7 +80,7 @@ class Sender:
 
     def backlog_sent(self, kind: int, seq: int, readings: int) -> None:
         self.tokens -= readings
-        if kind == KIND_ALARM:
+        if kind != KIND_DATA:
             self.alarm_after = seq
         else:
             self.data_after = seq
@@ -93,7 +96,7 @@ class Sender:
         return idle
 
     def _set_done(self, kind: int, done: bool) -> None:
-        if kind == KIND_ALARM:
+        if kind != KIND_DATA:
             self.alarms_done = done
         else:
             self.data_done = done

@@ -24,7 +24,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config.base import read_secret
 from agent.config.models import UplinkConfig
-from agent.core import KIND_ALARM, KIND_DATA
+from agent.core import KIND_DATA, KIND_NAMES
 from agent.messages import frame
 from agent.store.outbox import Row
 
@@ -187,7 +187,7 @@ class Session:
             self.client.subscribe(topic, qos=1)
 
     def publish_stored(self, row: Row, hist: bool) -> bool:
-        topic = self.uplink.topic("alarm" if row.kind == KIND_ALARM else "data")
+        topic = self.uplink.topic(KIND_NAMES.get(row.kind, "data"))
         payload = frame(row.seq, hist, row.body)
         if row.kind == KIND_DATA and self.uplink.cfg.compress:
             payload = zlib.compress(payload, COMPRESS_LEVEL)

@@ -21,9 +21,10 @@ from typing import Any
 import orjson
 
 from agent.config.models import AgentIdentity, UplinkConfig
+from agent.core import KIND_ALARM
 from agent.messages import encode
 from agent.store import Store
-from agent.uplink.sender import Sender
+from agent.uplink.sender import EVENT_KINDS, Sender
 from agent.uplink.session import COMPRESS_LEVEL, Session
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,8 @@ class Uplink:
             plan.refill(time.monotonic())
             request = plan.backlog_request(len(session.inflight), len(session.hist_mids))
             if request is not None:
-                rows = self.store.fetch(request.after, upto=request.upto, kind=request.kind, limit=request.limit)
+                kinds = EVENT_KINDS if request.kind == KIND_ALARM else (request.kind,)
+                rows = self.store.fetch(request.after, upto=request.upto, kinds=kinds, limit=request.limit)
                 plan.backlog_fetched(request, len(rows))
                 for row in rows:
                     if not plan.may_send_backlog() or not session.publish_stored(row, hist=True):

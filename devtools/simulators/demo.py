@@ -395,7 +395,9 @@ def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | Non
              broker: _Broker, summary_json: Path | None) -> bool:
     """Print what arrived and whether anything was lost; with `summary_json`, write the same as one JSON object:
     {"ok", "broker", "agent_exit_code", "files", "counts": {key: n for each of _COUNTS},
-    "valid_readings": {driver: n}, "lost_seq": [the first LOST_SEQ_LISTED], "problems": [sentences]}.
+    "valid_readings": {driver: n}, "reasons": {reason: readings not good for it}, "online": {channel/device:
+    online rate over the last hour, from the last health}, "lost_seq": [the first LOST_SEQ_LISTED],
+    "problems": [sentences]}.
     """
     report = platform.report()
     with Store(workdir / "store.db") as store:
@@ -433,6 +435,15 @@ def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | Non
         if driver is not None and reading.quality != "bad":
             valid_readings[driver] += 1
 
+    # data quality as the platform saw it: why readings were not good, and each device's online rate (last hour)
+    reasons: dict[str, int] = {}
+    for reading in platform.readings():
+        if reading.reason is not None:
+            reasons[reading.reason] = reasons.get(reading.reason, 0) + 1
+    reports = platform.health()
+    online = {f"{d['channel']}/{d['device']}": d["hour"]["rate"] for d in reports[-1].get("online", [])} \
+        if reports else {}
+
     problems = []
     if lost:
         problems.append(f"missing seq {lost[:10]}")
@@ -453,11 +464,15 @@ def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | Non
         table.add_row(words, str(counts[key]))
     for driver, count in valid_readings.items():
         table.add_row(f"valid readings via {driver}", str(count))
+    for reason, count in sorted(reasons.items()):
+        table.add_row(f"readings not good: {reason}", str(count))
+    for device, rate in online.items():
+        table.add_row(f"online rate (last hour) {device}", "-" if rate is None else f"{rate * 100:.1f} %")
     console.print(table)
     if summary_json is not None:
         summary = {"ok": not problems, "broker": broker.name, "agent_exit_code": agent_rc, "files": str(workdir),
-                   "counts": counts, "valid_readings": valid_readings, "lost_seq": lost[:LOST_SEQ_LISTED],
-                   "problems": problems}
+                   "counts": counts, "valid_readings": valid_readings, "reasons": reasons, "online": online,
+                   "lost_seq": lost[:LOST_SEQ_LISTED], "problems": problems}
         try:
             summary_json.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as exc:

@@ -47,7 +47,7 @@ _BULK_ENDIAN = {"ABCD": (">", ">"), "DCBA": ("<", ">"), "CDAB": ("<", "<"), "BAD
 PULL = 0.05
 """Share of the distance to the band's centre a walked value recovers each tick (mean reversion)."""
 
-SCENARIOS = ("gas_leak", "tank_overfill", "detector_fault")
+SCENARIOS = ("gas_leak", "tank_overfill", "detector_fault", "garbled_frame")
 
 
 def _raw_of(point: ModbusPoint, value: float) -> float | int:
@@ -154,12 +154,16 @@ class _Unit:
         first = (address >> 4 if table in BIT_TABLES else address) - start
         stop = min(first + count, len(words))
         registers[first:stop] = words[first:stop]
+        self.spoil(table, start, first, stop, registers)
+        return None
+
+    def spoil(self, table: str, start: int, first: int, stop: int, registers: list[int]) -> None:
+        """Serve the one-shot spikes that fall within registers[first:stop] (addresses from `start`)."""
         for spike in list(self.spikes):
             at, spiked = spike[1] - start, spike[2]
             if spike[0] == table and first <= at and at + len(spiked) <= stop:
                 registers[at:at + len(spiked)] = spiked  # this read only: the next one gets the real value
                 self.spikes.remove(spike)
-        return None
 
     def put(self, point: ModbusPoint, raw: float | int | bool) -> None:
         """Store one raw value the way the point is configured."""
@@ -385,6 +389,26 @@ class ModbusPlant(Plant):
 
     # --- scenarios ---
 
+    async def frozen_detector(self, *, speed: float | None = None) -> None:
+        """The last combustible gas detector (domain gas, %LEL) sticks at a small non-zero reading, value and noise,
+        for its `quality.frozen_after` and 10 s more (real time: the agent's clock judges it), then reads again."""
+        point = self._last_gas_detector()
+        quality = point.quality
+        hold = (quality.frozen_after if quality is not None and quality.frozen_after else 3600.0) + 10.0
+        try:
+            log.info("scenario frozen_detector: %s sticks at 3.5 %s for %g s", point.id, point.unit, hold)
+            self.set_value(point.id, 3.5)
+            await asyncio.sleep(hold)
+        finally:
+            self.release(point.id)
+        log.info("scenario frozen_detector: %s reads again", point.id)
+
+    def _last_gas_detector(self) -> ModbusPoint:
+        found = [s.point for s in self._points.values() if s.run is not None and _is_gas(s.point)]
+        if not found:
+            raise ValueError("no gas point in %LEL is served")
+        return found[-1]
+
     def _first_point(self, what: str, match: Callable[[ModbusPoint], bool]) -> ModbusPoint:
         for served in self._points.values():
             p = served.point
@@ -556,6 +580,7 @@ class PlantSimulator(ModbusPlant):
             "gas_leak": lambda: self._first_point("gas point", _is_gas),
             "tank_overfill": lambda: self._first_point("level", _is_level),
             "detector_fault": lambda: self._first_status("fault status", _is_fault),
+            "garbled_frame": lambda: self._first_point("level", _is_level),
         }
         playable = []
         for name in SCENARIOS:
@@ -590,6 +615,19 @@ class PlantSimulator(ModbusPlant):
         finally:
             self.release(point.id)
         log.info("scenario detector_fault: done")
+
+    async def garbled_frame(self, *, speed: float | None = None) -> None:
+        """One read of the first level point (domain hazard, unit m) comes back garbled, far above high_high, the
+        next ones right: the agent marks it a spike and raises nothing."""
+        pace = speed or self.speed
+        point = self._first_point("hazard level point in m", _is_level)
+        assert point.limits is not None and point.limits.high_high is not None
+        top = point.range[1] if point.range is not None else point.limits.high_high * 1.2
+        value = max(point.limits.high_high, top * 0.98)
+        log.info("scenario garbled_frame: the next read of %s gets %g %s", point.id, value, point.unit)
+        self.spike_once(point.id, value)
+        await asyncio.sleep(10.0 / pace)
+        log.info("scenario garbled_frame: done")
 
     def _first_status(self, what: str, match: Callable[[ModbusPoint], bool]) -> ModbusPoint:
         for channel in self.config.channels:

@@ -33,7 +33,7 @@ from simulators.plant import add_arguments, run_command, serve_until_stopped
 
 log = logging.getLogger("simulators.modbus_rtu")  # not __main__ when run with -m
 
-SCENARIOS = ("gas_leak",)
+SCENARIOS = ("gas_leak", "frozen_detector")
 FAULTS = ("bad_crc", "truncated", "garbage_before", "wrong_address", "noise")
 """Ways the next reply of a slave can be spoiled (see `inject_fault`)."""
 
@@ -98,7 +98,9 @@ def _answer(slave: _Slave, pdu: bytes) -> bytes:
         return bytes([function | 0x80, 3])
     if table not in slave.unit.tables or start + count > len(words):
         return bytes([function | 0x80, 2])
-    return bytes([function, 2 * count]) + struct.pack(f">{count}H", *words[start : start + count])
+    registers = words[start : start + count]
+    slave.unit.spoil(table, start, 0, count, registers)
+    return bytes([function, 2 * count]) + struct.pack(f">{count}H", *registers)
 
 
 def _spoil(reply: bytes, fault: str) -> bytes:
@@ -431,7 +433,11 @@ class RtuBusSimulator(ModbusPlant):
     # --- scenarios ---
 
     def scenarios(self) -> list[str]:
-        return list(SCENARIOS)
+        playable = ["gas_leak"]
+        with contextlib.suppress(ValueError):
+            self._last_gas_detector()
+            playable.append("frozen_detector")
+        return playable
 
     async def gas_leak(self, *, speed: float | None = None) -> None:
         """The first combustible gas detector (domain gas, %LEL, with high and high_high limits) reads a leak that

@@ -36,7 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 log = logging.getLogger(__name__)
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # docs/schemas, linked so that it ships with the simulator
-KINDS = ("data", "alarm", "status", "health")
+KINDS = ("data", "alarm", "status", "health", "quality")
 # Platform → agent exchanges reserved for a later contract version; seen on `{prefix}/#` but not checked.
 RESERVED_KINDS = frozenset({"config/set", "config/result"})
 MAX_GAPS_LISTED = 100_000
@@ -395,6 +395,7 @@ class PlatformSimulator:
         self._statuses: list[dict[str, Any]] = []
         self._results: list[dict[str, Any]] = []
         self._health: list[dict[str, Any]] = []
+        self._quality: list[dict[str, Any]] = []
         self._errors: list[str] = []
         self._agents: dict[tuple[str, str], _AgentState] = {}
         self._received = 0
@@ -739,6 +740,8 @@ class PlatformSimulator:
             if kind == "data":
                 self._readings.extend(rows)
                 state.readings += len(rows)
+            elif kind == "quality":
+                self._quality.append(msg)
             else:
                 self._alarms.append(msg)
                 state.alarms_raised += alarm_state == "raised"
@@ -765,6 +768,11 @@ class PlatformSimulator:
         """Every health message, in arrival order."""
         with self._lock:
             return list(self._health)
+
+    def quality_reports(self) -> list[dict[str, Any]]:
+        """Every daily `quality` report (once per seq), in arrival order."""
+        with self._lock:
+            return list(self._quality)
 
     def maps(self) -> dict[tuple[str, str, str], list[list[str]]]:
         """The point maps kept, by (enterprise, agent, map id): each device's point ids."""
