@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import stat
@@ -204,3 +205,29 @@ def test_a_full_disk_is_not_taken_for_a_damaged_store(tmp_path: Path) -> None:
             assert [r.seq for r in store.fetch(0)] == seqs, "once space is back, nothing was lost"
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_retention_in_steps_drops_every_old_chunk_a_few_at_a_time(tmp_path: Path) -> None:
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    with Store(tmp_path / "s.db") as store:
+        buffer = ArchiveBuffer()
+        for k in range(25):  # 25 old points' chunks, one recent
+            buffer.add(f"P{k}", now - 40 * day, float(k), 0)
+        buffer.add("R", now - day, 99.0, 0)
+        store.write_chunks(list(buffer.take()), 0)
+        keeper = upkeep(store, 1 << 40)
+        steps = []
+        original = store.expire
+
+        def counted(before: int, limit: int | None = None) -> tuple[int, int]:
+            steps.append(limit)
+            return original(before, limit)
+
+        store.expire = counted  # type: ignore[method-assign]
+        asyncio.run(keeper.expire_in_steps(chunks=10))
+        assert steps == [10, 10, 10]  # 25 old chunks: 10, 10, then 5 (fewer than asked: the last step)
+        assert keeper.expired == 25
+        assert store.archive_stats()[0] == 1
+        assert [s.value for s in store.history("R", 0, now)] == [99.0]
+        assert store.history("P7", 0, now) == []

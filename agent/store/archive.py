@@ -32,22 +32,33 @@ class Archive(PointMaps):
         # every point id and on/off point told to this store, told again to a file that replaced a damaged one
         self._registered: set[str] = set()
         self._bools: frozenset[str] = frozenset()
+        self._keys: dict[str, int] = {}  # point id -> key in this file
+        self.expired_chunks = 0  # chunks the last limited `expire` dropped
 
     def _after_recovery(self) -> None:
         super()._after_recovery()
+        self._keys.clear()  # a new file: its keys are its own
+        bools, self._bools = self._bools, frozenset()
         if self._registered:
-            self.point_keys(sorted(self._registered), self._bools)
+            self.point_keys(sorted(self._registered), bools)
 
     def point_keys(self, ids: Iterable[str], bools: frozenset[str] = frozenset()) -> dict[str, int]:
-        """Small integer keys for point ids (stable for the life of the file); `bools` are the on/off points."""
+        """Small integer keys for point ids (stable for the life of the file); `bools` are the on/off points. Keys
+        are remembered: an archive flush asks for 250 of them at a time, and the file is asked only for new ones."""
         ids = list(ids)
         self._registered.update(ids)
-        self._bools |= bools
-        with self.transaction():
-            self.db.executemany("INSERT OR IGNORE INTO point (id) VALUES (?)", [(i,) for i in ids])
-            if bools:
-                self.db.executemany("UPDATE point SET is_bool = 1 WHERE id = ?", [(i,) for i in bools])
-        keys = dict(self.db.execute("SELECT id, key FROM point"))
+        missing = [i for i in ids if i not in self._keys]
+        new_bools = bools - self._bools
+        if missing or new_bools:
+            with self.transaction():
+                self.db.executemany("INSERT OR IGNORE INTO point (id) VALUES (?)", [(i,) for i in missing])
+                self.db.executemany("UPDATE point SET is_bool = 1 WHERE id = ?", [(i,) for i in new_bools])
+            self._bools |= new_bools
+            for start in range(0, len(missing), 500):
+                part = missing[start:start + 500]
+                self._keys.update(self.db.execute(
+                    f"SELECT id, key FROM point WHERE id IN ({', '.join('?' * len(part))})", part))
+        keys = self._keys
         return {i: int(keys[i]) for i in ids}
 
     def point_is_bool(self, point_id: str) -> bool | None:
@@ -148,12 +159,22 @@ class Archive(PointMaps):
             self.add_meta("archive_readings", -sum(r[3] for r in rows))
         return sum(r[3] for r in rows)
 
-    def expire(self, before: int) -> tuple[int, int]:
-        """Retention: drop archive chunks and delivered alarm events older than `before` (ms)."""
+    def expire(self, before: int, limit: int | None = None) -> tuple[int, int]:
+        """Retention: drop archive chunks and delivered alarm events older than `before` (ms); with `limit`, at
+        most that many chunks, the oldest (the caller asks again while the answer's chunks reached the limit:
+        100,000 points leave 100,000 chunks a minute, too many to drop in one step of the event loop)."""
         with self.transaction():
-            readings = self.db.execute("SELECT coalesce(sum(count), 0) FROM archive WHERE end < ?",
-                                       (before,)).fetchone()[0]
-            self.db.execute("DELETE FROM archive WHERE end < ?", (before,))
+            if limit is None:
+                readings = self.db.execute("SELECT coalesce(sum(count), 0) FROM archive WHERE end < ?",
+                                           (before,)).fetchone()[0]
+                self.db.execute("DELETE FROM archive WHERE end < ?", (before,))
+            else:
+                rows = self.db.execute("SELECT point, start, end, count FROM archive WHERE end < ? ORDER BY end "
+                                       "LIMIT ?", (before, limit)).fetchall()
+                self.db.executemany("DELETE FROM archive WHERE point = ? AND start = ? AND end = ?",
+                                    [r[:3] for r in rows])
+                readings = sum(r[3] for r in rows)
+                self.expired_chunks = len(rows)
             self.add_meta("archive_readings", -int(readings))
             events = self.db.execute(
                 "DELETE FROM outbox WHERE kind IN (0, 2) AND acked = 1 AND created < ?", (before,)

@@ -269,6 +269,17 @@ class Database:
         """Put everything committed so far on disk (a WAL checkpoint syncs the log first)."""
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
+    def sync_apart(self) -> None:
+        """`sync` through a connection of its own, for a worker thread: the checkpoint copies and syncs while the
+        event loop's connection goes on writing (a passive checkpoint takes no lock a writer waits for)."""
+        if self.fallback_reason is not None or self.readonly:
+            return
+        db = sqlite3.connect(str(self.path), isolation_level=None, timeout=5.0)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            db.close()
+
     def last_seq(self) -> int:
         """The highest seq ever given (0 for a new store)."""
         row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()

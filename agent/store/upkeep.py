@@ -98,6 +98,21 @@ class Upkeep:
     def expire(self) -> None:
         before = int((time.time() - self.config.retention_s) * 1000)
         readings, events = self.store.expire(before)
+        self._expired(readings, events)
+
+    async def expire_in_steps(self, chunks: int = 2000) -> None:
+        """Retention a few thousand chunks at a time, the loop turning between them."""
+        before = int((time.time() - self.config.retention_s) * 1000)
+        readings = events = 0
+        while True:
+            r, e = self.store.expire(before, limit=chunks)
+            readings, events = readings + r, events + e
+            if self.store.expired_chunks < chunks:
+                break
+            await asyncio.sleep(0)
+        self._expired(readings, events)
+
+    def _expired(self, readings: int, events: int) -> None:
         if readings or events:
             self.expired += readings
             log.info("store: retention: expired %d readings and %d alarm events older than %.0f days",
@@ -109,14 +124,14 @@ class Upkeep:
         while True:
             await asyncio.sleep(self.config.sync_interval)
             try:
-                self.store.sync()
+                await asyncio.to_thread(self.store.sync_apart)  # a checkpoint may take long: not on the loop
                 self.last_sync = time.time()
                 now = loop.time()
                 if now >= next_bounds:
                     self.enforce_bounds(rounds=20)  # a few batches per second until within bounds
                     next_bounds = now + (1.0 if self.over() else 5.0)
                 if now >= next_expire:
-                    self.expire()
+                    await self.expire_in_steps()
                     next_expire = now + 600.0
                 self.last_error = None
             except sqlite3.DatabaseError as exc:
