@@ -199,3 +199,33 @@ def test_the_daily_quality_report_is_stored_once_and_framed_as_its_schema_says(t
     device = message["devices"][0]
     assert (device["polls"], device["expected"], device["good"]) == (4, 12, 9)
     assert message["day"] == (today - timedelta(days=1)).date().isoformat()
+
+
+def test_alarm_events_are_held_from_the_uplink_until_their_log_is_on_disk(tmp_path: Path) -> None:
+    import asyncio
+    import os
+
+    synced: list[int] = []
+    with Store(tmp_path / "s.db") as store:
+        real_sync = store.sync_log
+
+        def sync_log() -> None:
+            synced.append(store.last_seq())
+            real_sync()
+
+        store.sync_log = sync_log  # type: ignore[method-assign]
+        woken: list[int] = []
+
+        async def main() -> None:
+            pipeline = Pipeline(config(), store, on_stored=lambda: woken.append(store.last_seq()))
+            pipeline.ingest(batch(1000, [9.0, 1.0, True]))  # LT-101 above its high limit: one event
+            seq = store.last_seq()
+            assert store.hold_after == seq - 1  # committed, not yet sent: its log is not on disk yet
+            assert store.fetch(0, upto=store.hold_after) == []
+            while store.hold_after is not None:
+                await asyncio.sleep(0.01)
+            assert synced == [seq] and woken[-1] == seq
+            assert [r.seq for r in store.fetch(0, upto=store.hold_after)] == [seq]
+
+        asyncio.run(main())
+        assert os.path.exists(f"{store.path}-wal")

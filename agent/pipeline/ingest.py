@@ -1,6 +1,7 @@
 """Ingest: each poll's batch goes through the alarm rules into the store, and into the archive buffer.
 
-Alarm events are stored at once in their own synced commit; readings are grouped into `data` messages of at
+Alarm events are stored at once in their own commit, held from the uplink until a worker thread has synced the
+log to disk; readings are grouped into `data` messages of at
 most `batch.max_readings`, stored when a message is full or `batch.max_delay` has passed. It never talks to
 the network: the uplink is only woken (`on_stored`) when something new is in the store.
 """
@@ -64,6 +65,8 @@ class Pipeline:
         self.readings_in = 0
         self.stopping = False  # set by the daemon when a stop begins: no alarm is raised from then on
         self._reported_day = 0  # end of the day whose quality report is stored
+        self._unsynced = False  # alarm events stored since the last log sync began
+        self._syncing: asyncio.Task[None] | None = None
         self.events_out = 0
         self.lost_readings = 0  # readings the store refused (disk full, unreadable file)
         self._unstored: list[tuple[bytes, int]] = []  # alarm events the store refused, retried first
@@ -91,6 +94,30 @@ class Pipeline:
         raised = sorted(self.alarm_states())
         if raised:
             log.info("alarms raised before the restart, still raised: %s", ", ".join(raised))
+
+    def _hold_from(self, seq: int) -> None:
+        if self.store.hold_after is None:
+            self.store.hold_after = seq - 1
+        self._unsynced = True
+        if self._syncing is None or self._syncing.done():
+            try:
+                self._syncing = asyncio.get_running_loop().create_task(self._sync_events(), name="event sync")
+            except RuntimeError:  # no loop (a stop, or a caller outside the daemon): sync here and now
+                self.store.sync_log()
+                self.store.hold_after = None
+
+    async def _sync_events(self) -> None:
+        """Sync the log until no alarm event waits for it, then let the uplink send them."""
+        while self._unsynced:
+            self._unsynced = False
+            upto = self.store.last_seq()
+            try:
+                await asyncio.to_thread(self.store.sync_log)
+            except OSError as exc:  # the disk is failing: the commit stands, the events go (they are stored)
+                log.error("store: cannot sync the log for alarm events: %s", exc)
+            # everything up to `upto` is on disk; an event stored meanwhile holds what follows it
+            self.store.hold_after = upto if self._unsynced else None
+            self.on_stored()
 
     def save_energy(self) -> None:
         def save() -> None:
@@ -161,16 +188,18 @@ class Pipeline:
                 batch.stamps.append(ts)
 
     def store_events(self, events: list[AlarmEvent]) -> None:
-        """Store alarm events (and the engine's states) in one synced commit; events the store refuses (a full
+        """Store alarm events (and the engine's states) in one commit, synced apart; events the store refuses (a full
         disk) wait in memory, in order, and go first at the next attempt: an alarm event is never dropped."""
         bodies = self._unstored + [(alarm_body(self.identity, event), event.ts) for event in events]
         states = self.alarm_states()
 
+        first: list[int] = []
+
         def write() -> bool:
-            # alarm events are rare and must survive a power cut: their commit syncs the log
-            with self.store.transaction(durable=True):
+            with self.store.transaction():
                 for body, ts in bodies:
-                    self.store.append(KIND_ALARM, 1, body, created=ts)
+                    seq = self.store.append(KIND_ALARM, 1, body, created=ts)
+                    first.append(seq)
                 self.store.save_alarm_states(states)
             return True
 
@@ -181,6 +210,10 @@ class Pipeline:
             self._unstored = bodies[-_MAX_UNSTORED_EVENTS:]
         else:
             self._unstored = []
+            if first:
+                # alarm events must survive a power cut: held back from the uplink until the log is on disk, which
+                # a worker thread does (an fsync can take tens of ms: polls and alarms go on meanwhile)
+                self._hold_from(first[0])
         self.events_out += len(events)
         for event in events:
             log.log(logging.WARNING if event.state == "raised" else logging.INFO,

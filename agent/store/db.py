@@ -89,6 +89,9 @@ class Database:
         self.recovered: dict[str, Any] | None = None  # what happened when a damaged file was moved aside
         self.fallback_reason: str | None = None
         self.memory_fallback = memory_fallback
+        # messages above this seq are committed but not yet on disk and must not be sent before they are (alarm
+        # events, whose log is synced on a worker thread); None: nothing is held
+        self.hold_after: int | None = None
 
     @property
     def seq_file(self) -> Path:
@@ -268,6 +271,20 @@ class Database:
     def sync(self) -> None:
         """Put everything committed so far on disk (a WAL checkpoint syncs the log first)."""
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+    def sync_log(self) -> None:
+        """Put the write-ahead log on disk, committed transactions and all, for a worker thread: an fsync of the
+        log file itself, so the event loop's connection goes on meanwhile."""
+        if self.fallback_reason is not None or self.readonly:
+            return
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # no log: every commit is in the database file, synced by the checkpoint that emptied it
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def sync_apart(self) -> None:
         """`sync` through a connection of its own, for a worker thread: the checkpoint copies and syncs while the

@@ -263,7 +263,7 @@ class Uplink:
             progressed = False
             room = plan.live_room(len(session.inflight))
             if room > 0:
-                for row in self.store.fetch(plan.live_after, limit=room):
+                for row in self.store.fetch(plan.live_after, upto=self.store.hold_after, limit=room):
                     if not session.publish_stored(row, hist=False):
                         break
                     plan.live_sent(row.seq)
@@ -273,7 +273,8 @@ class Uplink:
             request = plan.backlog_request(len(session.inflight), len(session.hist_mids))
             if request is not None:
                 kinds = EVENT_KINDS if request.kind == KIND_ALARM else (request.kind,)
-                rows = self.store.fetch(request.after, upto=request.upto, kinds=kinds, limit=request.limit)
+                upto = request.upto if self.store.hold_after is None else min(request.upto, self.store.hold_after)
+                rows = self.store.fetch(request.after, upto=upto, kinds=kinds, limit=request.limit)
                 plan.backlog_fetched(request, len(rows))
                 for row in rows:
                     if not plan.may_send_backlog() or not session.publish_stored(row, hist=True):
