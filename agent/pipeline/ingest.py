@@ -1,9 +1,9 @@
 """Ingest: each poll's batch goes through the alarm rules into the store, and into the archive buffer.
 
 Alarm events are stored at once in their own commit, held from the uplink until a worker thread has synced the
-log to disk; readings are grouped into `data` messages of at
-most `batch.max_readings`, stored when a message is full or `batch.max_delay` has passed. It never talks to
-the network: the uplink is only woken (`on_stored`) when something new is in the store.
+log to disk; readings are grouped into `data` messages of at most `batch.max_readings`, stored when a message is
+full or `batch.max_delay` has passed. It never talks to the network: the uplink is only woken (`on_stored`) when
+something new is in the store.
 """
 
 from __future__ import annotations
