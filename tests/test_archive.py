@@ -285,3 +285,13 @@ def test_columns_encode_exactly_as_a_point_alone_would() -> None:
     for key, _, _, _, chunk in buffer.take():
         k = int(key[1:])
         assert chunk == encode_chunk(array("q", stamps), array("d", columns[k]), bytes(60))
+
+
+def test_a_block_kept_in_float32_widens_without_losing_a_digit() -> None:
+    buffer = ArchiveBuffer(["A", "B"])
+    buffer.add_poll(0, 1000, [f32(1.1), 2.0], [0, 0])
+    buffer.add_poll(0, 2000, [f32(1.2), None], [0, 2])
+    buffer.add_poll(0, 3000, [0.1, 2**40 + 1], [0, 0])  # neither is a float32: the block goes to float64
+    buffer.add_poll(0, 4000, [f32(1.4), 3.0], [0, 0])
+    rows = {key: [s.value for s in decode_chunk(chunk)] for key, _, _, _, chunk in buffer.take()}
+    assert rows == {"A": [f32(1.1), f32(1.2), 0.1, f32(1.4)], "B": [2.0, None, float(2**40 + 1), 3.0]}

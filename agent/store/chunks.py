@@ -64,9 +64,10 @@ def _time_part(stamps: Sequence[int]) -> tuple[int, bytes]:
 
 
 def _value_part(values: array[float]) -> tuple[int, bytes]:
-    """Flags and byte planes of the values XORed with their predecessor, as float32 when that loses nothing."""
-    narrow = array("f", values)
-    if array("d", narrow).tobytes() == values.tobytes() or all(
+    """Flags and byte planes of the values XORed with their predecessor, as float32 when that loses nothing
+    (values given as float32 are so already)."""
+    narrow = values if values.typecode == "f" else array("f", values)
+    if values.typecode == "f" or array("d", narrow).tobytes() == values.tobytes() or all(
             a == b or b != b for a, b in zip(narrow, values, strict=True)):
         # float32 sources (most field values) lose nothing at half the width
         flags, width, raw = _F32, 4, narrow
@@ -206,7 +207,8 @@ class _Block:
     def __init__(self, width: int) -> None:
         self.width = width
         self.stamps = array("q")
-        self.values = array("d")
+        # float32 while every value is one exactly (most field values): a minute of 10,000 points in 2.4 MB less
+        self.values: array[float] = array("f")
         self.qualities = bytearray()
 
 
@@ -242,12 +244,19 @@ class ArchiveBuffer:
             if block is not None:  # the device's point list changed: its earlier polls go per point
                 self._unblock(first, block, self._series)
             block = self._blocks[first] = _Block(width)
-        before = len(block.values)
         try:
-            block.values.extend(values)
+            wide = array("d", values)
         except (TypeError, ValueError, OverflowError):  # None (a bad reading) or a value no float holds
-            del block.values[before:]
-            block.values.extend([_as_float(v) for v in values])
+            wide = array("d", [_as_float(v) for v in values])
+        if block.values.typecode == "f":
+            narrow = array("f", wide)
+            if array("d", narrow).tobytes() == wide.tobytes():
+                block.values.extend(narrow)
+            else:  # a value float32 cannot hold exactly: the block goes to float64, its earlier values too
+                block.values = array("d", block.values)
+                block.values.extend(wide)
+        else:
+            block.values.extend(wide)
         block.stamps.append(ts)
         block.qualities.extend(qualities)
         self.count += width

@@ -68,6 +68,7 @@ class Subscriber:
         self.payload_bytes = 0
         self.lags: list[float] = []  # ms from the oldest reading of a live message to its arrival
         self.health: list[tuple[float, dict[str, Any]]] = []  # (arrival, report)
+        self.first_live: float | None = None  # monotonic time the first live reading arrived
         self.raised: dict[str, float] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}")
         self.client.on_message = self._on_message
@@ -89,6 +90,8 @@ class Subscriber:
                 times = [r["ts"] for r in message["readings"]]
             oldest = min(times) if times and not message["hist"] else None
             with self.lock:
+                if self.first_live is None and oldest is not None:
+                    self.first_live = time.monotonic()
                 self.readings += count
                 self.messages += 1
                 self.payload_bytes += len(msg.payload)
@@ -219,6 +222,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     sub = Subscriber(broker.port)
     agent_log = open(workdir / "agent.log", "wb")  # noqa: SIM115
+    started = time.monotonic()
     agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(agent_yaml)],
                              stdout=agent_log, stderr=agent_log)
     proc = psutil.Process(agent.pid)
@@ -298,6 +302,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_loop_stall_ms": polls["max_stall_ms"],
         "lag_p99_ms": round(percentile(lags, 99), 1),
         "wire_bytes_per_reading": round((bytes1 - bytes0) / max(delivered, 1), 2),
+        "startup_s": round(sub.first_live - started, 2) if sub.first_live is not None else float("nan"),
     }
     if not args.json:
         print(f"points {args.points} at {args.interval:g}s ({args.wire} `data`), "
@@ -320,6 +325,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"loop                {result['max_loop_stall_ms']:>10.1f} ms longest stall")
         print(f"delivery lag        {result['lag_p99_ms']:>10.1f} ms p99 (oldest reading of each live message)")
         print(f"wire                {result['wire_bytes_per_reading']:>10.2f} bytes of `data` payload per reading")
+        print(f"startup             {result['startup_s']:>10.2f} s from the agent's start to its first reading "
+              "delivered")
         print(f"files in {workdir}")
     return result
 
@@ -342,7 +349,7 @@ def poll_figures(sub: Subscriber, first: int, interval: float) -> dict[str, Any]
 
 
 SPREAD_KEYS = ("readings_per_s", "cpu_us_per_reading", "peak_rss_mb", "alarm_latency_p99_ms", "skipped_polls",
-               "max_loop_stall_ms", "lag_p99_ms", "wire_bytes_per_reading")
+               "max_loop_stall_ms", "lag_p99_ms", "wire_bytes_per_reading", "startup_s")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
