@@ -190,3 +190,30 @@ def test_fuzz_no_timestamp_raises_or_leaves_the_window(reads: list[tuple[DeviceR
             assert quality in (GOOD, UNCERTAIN, BAD)
             assert value is None or not (isinstance(value, float) and not math.isfinite(value))
         assert c.untrusted - before == (out if skew is not None else 0)
+
+
+def plain_site() -> PointTable:
+    points = [{"id": "A", "node": "ns=2;s=A", "range": [0, 100]}, {"id": "B", "node": "ns=2;s=B"},
+              {"id": "D", "node": "ns=2;s=D", "range": [-5, 5]}]
+    return PointTable(validate_config_data({"agent": {"id": "t", "enterprise": "e"}, "channels": [
+        {"id": "ua", "driver": "opcua", "endpoint": "opc.tcp://127.0.0.1:4840",
+         "devices": [{"id": "dcs", "points": points}]}]}, source="test", base_dir=None))
+
+
+PLAIN = plain_site()
+_raw = st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats()
+
+
+@given(st.lists(_raw, min_size=3, max_size=3))
+def test_the_fast_path_of_a_whole_plain_poll_decodes_as_the_careful_one(raw: list[Any]) -> None:
+    slot = PLAIN.devices[0]
+    assert slot.plain
+    fast = decode(PLAIN.points, slot.indices, DeviceRead(list(raw)), NOW, None, slot)
+    careful = decode(PLAIN.points, slot.indices, DeviceRead(list(raw)), NOW)
+    assert fast.indices == careful.indices and fast.qualities == careful.qualities
+    assert fast.reasons == careful.reasons and fast.stamps == careful.stamps
+    assert [repr(v) for v in fast.values] == [repr(v) for v in careful.values]
+
+
+def test_a_device_with_a_scaled_point_never_takes_the_fast_path() -> None:
+    assert not TABLE.devices[0].plain  # point C has scale 10

@@ -37,13 +37,26 @@ class PointInfo:
     json_float: str = "%.12g"
 
 
+_FINITE = 1.7976931348623157e308  # the largest double: a bound that infinity fails
+
+
 @dataclass(slots=True)
 class DeviceSlot:
-    """The points of one device, in the device's own order, as global indices."""
+    """The points of one device, in the device's own order, as global indices; for decode's fast path, whether
+    every point is a plain number (no scale, offset or bool) and each point's range, as finite bounds."""
 
     channel: ChannelBase
     device: DeviceBase
     indices: list[int] = field(default_factory=list)
+    plain: bool = True
+    lo: list[float] = field(default_factory=list)
+    hi: list[float] = field(default_factory=list)
+
+    def add(self, info: PointInfo) -> None:
+        self.indices.append(info.index)
+        self.plain = self.plain and not info.is_bool and info.scale == 1.0 and info.offset == 0.0
+        self.lo.append(max(info.lo, -_FINITE))
+        self.hi.append(min(info.hi, _FINITE))
 
 
 class PointTable:
@@ -58,7 +71,7 @@ class PointTable:
                     info = self._compile(len(self.points), channel, device, point)
                     self.points.append(info)
                     self.by_id[info.id] = info
-                    slot.indices.append(info.index)
+                    slot.add(info)
                 self.devices.append(slot)
 
     @staticmethod

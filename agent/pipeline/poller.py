@@ -99,7 +99,7 @@ class Poller:
                         self.ingest(bad_batch(dev.slot.indices, ts))
                         failed = True
                     else:
-                        self.ingest(decode(points, dev.slot.indices, read, ts, dev.clock))
+                        self.ingest(decode(points, dev.slot.indices, read, ts, dev.clock, dev.slot))
                         failed = read.positions is None and all(v is None for v in read.values)
                     self.polled(dev.slot, ts)
                     self._outcome(dev, read, failed)
