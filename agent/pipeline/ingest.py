@@ -12,7 +12,9 @@ import functools
 import logging
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -34,30 +36,24 @@ _MAX_UNSTORED_EVENTS = 100_000  # alarm events held in memory while the store re
 _ARCHIVE_SLICE = 250  # archive chunks encoded and written per turn of the loop (about 10 ms)
 
 
+@dataclass
+class PipelineParts:
+    """What a configuration compiles to for the pipeline, built apart from the running one (in a thread, while
+    the old parts keep working) and then installed in one step (`Pipeline.reconfigure`)."""
+
+    config: AgentConfig
+    table: PointTable
+    energy: dict[int, tuple[DailyEnergy, int, str]]  # source point index -> (counter, derived index, meter id)
+    judge: QualityRules
+    alarms: AlarmEngine
+    encoder: DataEncoder
+
+
 class Pipeline:
     def __init__(self, config: AgentConfig, store: Store, on_stored: Callable[[], None] = lambda: None) -> None:
-        self.config = config
         self.store = store
         self.on_stored = on_stored
-        self.table = PointTable(config)
-        # derived points (daily energy) get their indices before anything sizes itself on the table
-        self._energy: dict[int, tuple[DailyEnergy, int, str]] = {}
-        for meter in config.power.meters:
-            if meter.daily_energy is not None and meter.total_energy is not None:
-                derived = self.table.add_derived(meter.daily_energy, "kWh", "power", meter.id)
-                source = self.table.by_id[meter.total_energy].index
-                self._energy[source] = (DailyEnergy(meter.rollover), derived.index, meter.id)
-        self.judge = QualityRules(self.table, config)  # data quality: frozen, spikes, range ends, online rates
-        self.alarms = AlarmEngine(self.table, config)
-        self.identity = identity_fields(config.agent.id, config.agent.enterprise)
-        # built once the table is complete (derived points above): the compact encoding's map numbers its points
-        self.encoder = DataEncoder(self.identity, self.table, config.uplink.encoding)
-        self.max_readings = config.uplink.batch.max_readings
-        self.max_delay = config.uplink.batch.max_delay
-        self.quality = bytearray([_UNKNOWN]) * len(self.table)
-        # each point's last reading, for `edge-agent points` (one slot a point, no object per reading)
-        self.last_value: list[Any] = [None] * len(self.table)
-        self.last_ts = array("q", bytes(8 * len(self.table)))
+        self._install(self.prepare(config))
         self._pending: list[ReadingBatch] = []
         self._pending_count = 0
         self._pending_since = 0.0
@@ -66,12 +62,85 @@ class Pipeline:
         self.events_out = 0
         self.lost_readings = 0  # readings the store refused (disk full, unreadable file)
         self._unstored: list[tuple[bytes, int]] = []  # alarm events the store refused, retried first
+        self._retired: list[ArchiveBuffer] = []  # readings gathered under an earlier configuration, not yet archived
+        self._register()
+        self._restore_state()
+
+    @staticmethod
+    def prepare(config: AgentConfig) -> PipelineParts:
+        """Compile `config` for the pipeline; touches nothing running (safe in another thread)."""
+        table = PointTable(config)
+        # derived points (daily energy) get their indices before anything sizes itself on the table
+        energy: dict[int, tuple[DailyEnergy, int, str]] = {}
+        for meter in config.power.meters:
+            if meter.daily_energy is not None and meter.total_energy is not None:
+                derived = table.add_derived(meter.daily_energy, "kWh", "power", meter.id)
+                source = table.by_id[meter.total_energy].index
+                energy[source] = (DailyEnergy(meter.rollover), derived.index, meter.id)
+        judge = QualityRules(table, config)  # data quality: frozen, spikes, range ends, online rates
+        alarms = AlarmEngine(table, config)
+        # built once the table is complete (derived points above): the compact encoding's map numbers its points
+        encoder = DataEncoder(identity_fields(config.agent.id, config.agent.enterprise), table, config.uplink.encoding)
+        return PipelineParts(config, table, energy, judge, alarms, encoder)
+
+    def _install(self, parts: PipelineParts) -> None:
+        config = self.config = parts.config
+        self.table = parts.table
+        self._energy = parts.energy
+        self.judge = parts.judge
+        self.alarms = parts.alarms
+        self.identity = identity_fields(config.agent.id, config.agent.enterprise)
+        self.encoder = parts.encoder
+        self.max_readings = config.uplink.batch.max_readings
+        self.max_delay = config.uplink.batch.max_delay
+        self.quality = bytearray([_UNKNOWN]) * len(self.table)
+        # each point's last reading, for `edge-agent points` (one slot a point, no object per reading)
+        self.last_value: list[Any] = [None] * len(self.table)
+        self.last_ts = array("q", bytes(8 * len(self.table)))
         self._id_of = [p.id for p in self.table.points]
         self.archive = ArchiveBuffer(self._id_of)
+
+    def _register(self) -> None:
         self._remap_keys()
         self.store.attempt("registering the point map",
                            lambda: self.store.register_map(self.encoder.map_id, self.encoder.map_message()))
-        self._restore_state()
+
+    def reconfigure(self, parts: PipelineParts, now: int, why: str) -> list[AlarmEvent]:
+        """Install a new configuration's parts between two polls, losing nothing: pending readings are stored with
+        the old encoding first, the readings gathered for the archive are carried (archived at the next flush),
+        each kept point keeps its last reading and its alarm states, and an alarm raised on a point or a rule that
+        is gone is cleared with an event (`why` says why, in its message). Returns those events, stored."""
+        self.flush()
+        old_table, old_alarms = self.table, self.alarms
+        old_quality, old_value, old_ts = self.quality, self.last_value, self.last_ts
+        old_energy = {meter: counter for counter, _, meter in self._energy.values()}
+        states = self.alarm_states()
+        if self.archive.count:
+            self._retired.append(self.archive)
+        self._install(parts)
+        for info in self.table.points:
+            before = old_table.by_id.get(info.id)
+            if before is not None:
+                self.quality[info.index] = old_quality[before.index]
+                self.last_value[info.index] = old_value[before.index]
+                self.last_ts[info.index] = old_ts[before.index]
+        for counter, _, meter in self._energy.values():
+            if meter in old_energy:
+                counter.restore(old_energy[meter].save())
+        gone = [a for a in self.alarms.load(states, now) if not a.endswith("/" + ALARM_TYPE)]
+        gone += self.judge.load(states, now)
+        events = []
+        for alarm_id in sorted(gone):
+            rule = old_alarms.rule(alarm_id)
+            if rule is not None:
+                events.append(rule.event("cleared", None, now, message=why))
+            else:  # a data_quality alarm
+                point = alarm_id.rpartition("/")[0]
+                unit = old_table.by_id[point].unit if point in old_table.by_id else ""
+                events.append(AlarmEvent(point, ALARM_TYPE, 1, "cleared", None, None, unit, now, why))
+        self._register()
+        self.store_events(events)  # the new states are saved with the events, in one synced commit
+        return events
 
     def _restore_state(self) -> None:
         """Alarm states and the energy counters as they were before the restart."""
@@ -224,10 +293,10 @@ class Pipeline:
         """Write the readings gathered since the last flush to the archive, as one chunk per point, in one
         transaction (at a stop and at start); `force`: even with nothing gathered (ends a flush under way)."""
         self.flush()  # every reading in the archive buffer is now in a stored message
-        if self.archive.count == 0 and not force:
+        if self._archive_count() == 0 and not force:
             return
         mark = self.store.last_seq()
-        chunks = list(self.archive.take())
+        chunks = list(self._take_archive())
         self.store.attempt("writing the archive", lambda: self.store.write_chunks(chunks, mark))
 
     def recover_archive(self) -> int:
@@ -266,13 +335,14 @@ class Pipeline:
         interval = self.config.store.archive_interval
         while True:
             await asyncio.sleep(interval)
+            interval = self.config.store.archive_interval  # a new configuration may change it
             self.flush()
             self.save_energy()
-            if self.archive.count == 0:
+            if self._archive_count() == 0:
                 continue
             mark = self.store.last_seq()
             rows: list[Row] = []
-            taking = self.archive.take()
+            taking = self._take_archive()
             try:
                 for row in taking:
                     rows.append(row)
@@ -286,6 +356,16 @@ class Pipeline:
                 self.store.attempt("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
                 raise
             self.store.attempt("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
+
+    def _archive_count(self) -> int:
+        return self.archive.count + sum(b.count for b in self._retired)
+
+    def _take_archive(self) -> Iterator[Row]:
+        """Empty the archive buffer and those of earlier configurations (each names its points as it was built)."""
+        # swapped at once: readings that come while the rows are written belong to the next flush
+        retired, self._retired = [*self._retired, self.archive], []
+        self.archive = ArchiveBuffer(self._id_of)
+        return chain.from_iterable(b.take() for b in retired)
 
     async def flush_loop(self) -> None:
         """Store a partial batch once its oldest reading has waited max_delay."""
