@@ -29,6 +29,7 @@ from remote_site import (
     wait_online,
 )
 
+from agent.config.revisions import Revision, RevisionFiles
 from agent.trust.keys import generate_private_key, key_id, parse_public_key
 from agent.trust.signing import sign_payload
 
@@ -227,3 +228,70 @@ def test_a_push_to_a_dead_broker_rolls_back_within_the_trial_and_loses_nothing(r
     assert shown["revision"] == 0 and shown["source"] == "file" and shown["highest"] == 2
     again = push(platform, new, 2)
     assert again["state"] == "refused", "a rolled back revision cannot be pushed again"
+
+
+def variant(config: dict[str, Any], n: int) -> dict[str, Any]:
+    """The configuration with channel bench2's device reading points of its own for revision `n`: odd revisions
+    read N-points (renamed), even ones the plain ones, so the readings tell which revision runs."""
+    new = copy.deepcopy(config)
+    device = new["channels"][2]["devices"][0]
+    if n % 2:
+        device["points"] = [dict(p, id=f"N{p['id']}") for p in device["points"]]
+    new["version"] = f"variant-{n}"
+    return new
+
+
+def running_revision(platform: Any, agent: Any, config: dict[str, Any], since: int) -> int:
+    """The revision the restarted agent runs, as its readings show it (N-points or not), checked against what it
+    says (status) and what the store records (config show): never a mix."""
+    plain, renamed = "P00040", "NP00040"
+    wait_until(lambda: any(r.point in (plain, renamed) and r.ts > since + 1500 for r in platform.readings()), 30,
+               f"readings of bench2 after the restart\n{agent.log()[-2000:]}")
+    seen = {r.point for r in platform.readings() if r.ts > since + 1000 and r.point in (plain, renamed)}
+    assert len(seen) == 1, f"both revisions' points read after the restart: {seen}"
+    shown = show(agent.config_path)
+    statuses = [s for s in platform.statuses() if s.get("online") and s.get("started", 0) >= agent.started_ms]
+    assert statuses and statuses[-1]["config_revision"] == shown["revision"], (statuses[-1:], shown)
+    assert statuses[-1]["config_hash"] == shown["hash"]
+    assert (renamed in seen) == bool(shown["revision"] % 2), (seen, shown["revision"])
+    return int(shown["revision"])
+
+
+def test_kill_9_at_any_moment_of_an_apply_leaves_the_old_or_the_new_revision(running: Any) -> None:
+    platform, agent, config = running
+    state_dir = agent.config_path.parent / "config-revisions"
+    kill_when = [
+        ("as soon as it is published", lambda revision, push_id: True),
+        ("once the revision file is written", lambda revision, push_id: (state_dir / f"r{revision:010d}.json")
+         .exists()),
+        ("once its trial result came", lambda revision, push_id: bool(platform.config_results(push_id))),
+    ]
+    active = 0
+    for revision, (moment, ready) in enumerate(kill_when, start=1):
+        push_id = f"kill-{revision}"
+        platform.push_config(ENTERPRISE, AGENT, variant(config, revision), revision, push_id=push_id, timeout=0)
+        wait_until(lambda ready=ready, revision=revision, push_id=push_id: ready(revision, push_id), 30,
+                   f"revision {revision}: {moment}")
+        agent.kill9()
+        restarted = now_ms()
+        agent.start()
+        wait_online(agent, platform)
+        now_running = running_revision(platform, agent, config, restarted)
+        assert now_running in (active, revision), (moment, now_running)
+        if moment.startswith("once its trial"):
+            assert now_running == revision
+            assert final_result(platform, push_id)["state"] == "applied", "the trial went on after the restart"
+        elif now_running == revision:
+            final_result(platform, push_id)
+        active = now_running
+    # the narrowest moment, between the revision file written and the store recording it active: made by hand
+    files = RevisionFiles(state_dir.parent)
+    kept = files.load(active)
+    files.save(Revision(active + 1, "platform", kept.hash, kept.payload.replace(
+        f'"revision":{active}'.encode(), f'"revision":{active + 1}'.encode()), kept.kid, "orphan", kept.received))
+    agent.kill9()
+    restarted = now_ms()
+    agent.start()
+    wait_online(agent, platform)
+    assert running_revision(platform, agent, config, restarted) == active, "a revision never recorded is not run"
+    wait_until(lambda: seq_complete(platform), 30, "every seq delivered")

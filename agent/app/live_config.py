@@ -74,17 +74,40 @@ class Active:
 
     @classmethod
     def from_json(cls, text: object) -> Active | None:
+        """The record read back; None when it is missing or damaged (a member missing or of the wrong type)."""
         try:
             raw = orjson.loads(text) if isinstance(text, str | bytes) else None
-            if not isinstance(raw, dict) or raw.get("source") not in SOURCES:
-                return None
-            return cls(**raw)
-        except (orjson.JSONDecodeError, TypeError):
+        except orjson.JSONDecodeError:
             return None
+        if not isinstance(raw, dict) or set(raw) != set(_ACTIVE_TYPES) or raw.get("source") not in SOURCES:
+            return None
+        for name, types in _ACTIVE_TYPES.items():
+            if not isinstance(raw[name], types) or isinstance(raw[name], bool):
+                return None
+        if raw["previous"] is not None and cls.from_summary(raw["previous"]) is None:
+            return None
+        return cls(**raw)
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> Active | None:
+        """An Active from its `summary()` (what `previous` holds); None when it is not one."""
+        if set(summary) != _SUMMARY or summary.get("source") not in SOURCES:
+            return None
+        for name in _SUMMARY:
+            types = _ACTIVE_TYPES[name]
+            if not isinstance(summary[name], types) or isinstance(summary[name], bool):
+                return None
+        return cls(**summary)
 
     def summary(self) -> dict[str, Any]:
         return {"revision": self.revision, "source": self.source, "hash": self.hash, "kid": self.kid,
                 "id": self.id, "since": self.since}
+
+
+_ACTIVE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "revision": int, "source": str, "hash": str, "kid": (str, type(None)), "id": (str, type(None)), "since": int,
+    "previous": (dict, type(None)), "trial_until": (int, type(None)), "starts": int}
+_SUMMARY = frozenset({"revision", "source", "hash", "kid", "id", "since"})
 
 
 def read_active(store: Store) -> tuple[Active | None, int]:
@@ -188,13 +211,14 @@ class LiveConfig:
         target = recorded
         if recorded.trial_until is not None:
             recorded.starts += 1
-            if recorded.starts > MAX_TRIAL_STARTS and recorded.previous is not None:
+            back = Active.from_summary(recorded.previous) if recorded.previous is not None else None
+            if recorded.starts > MAX_TRIAL_STARTS and back is not None:
                 log.error("config: revision %d was on trial for %d starts without being confirmed; going back to "
-                          "revision %s", recorded.revision, recorded.starts - 1, recorded.previous.get("revision"))
+                          "revision %d", recorded.revision, recorded.starts - 1, back.revision)
                 self._rolled_back_at_start = (recorded.id, recorded.revision,
                                               f"the agent started {recorded.starts - 1} times on revision "
                                               f"{recorded.revision} without confirming it")
-                target = Active(**{**recorded.previous, "previous": None})
+                target = back
         try:
             config = await self._load(target, bootstrap_config)
         except (RevisionError, ConfigError) as exc:
@@ -390,11 +414,11 @@ class LiveConfig:
         target = request.get("revision")
         async with self._lock:
             if target is None:
-                previous = self.active.previous
-                if previous is None:
+                earlier = Active.from_summary(self.active.previous) if self.active.previous is not None else None
+                if earlier is None:
                     return _local_refusal("invalid", ["revision: no earlier revision is recorded; name one "
                                                       "(`edge-agent config show` lists those kept) or `file`"])
-                goal = Active(**{**previous, "previous": None})
+                goal = earlier
             elif target == "file":
                 goal = Active(0, "file", "")
             elif isinstance(target, int) and not isinstance(target, bool):
@@ -554,13 +578,13 @@ class LiveConfig:
                 reasons.append(f"{len(silent)} of {len(watched)} devices that answered before stopped answering: "
                                + ", ".join(f"{c}/{d}" for c, d in silent[:10]) + (" ..." if len(silent) > 10 else ""))
             if reasons:
-                previous = self.active.previous
+                previous = Active.from_summary(self.active.previous) if self.active.previous is not None else None
                 if previous is None:
                     log.error("config: revision %d failed its trial (%s) and there is nothing to go back to",
                               trial.revision, "; ".join(reasons))
                     self._confirm(trial)
                     return
-                await self._go_back(Active(**{**previous, "previous": None}), "; ".join(reasons))
+                await self._go_back(previous, "; ".join(reasons))
                 return
             self._confirm(trial)
 

@@ -91,7 +91,7 @@ def read_push(payload: bytes, *, retained: bool, trust: CommandTrust, allow_unsi
     if not isinstance(raw, dict):
         raise PushRefused("malformed", ["(top level): a push is a JSON object"])
     push_id = raw.get("id") if isinstance(raw.get("id"), str) and 0 < len(raw["id"]) <= MAX_ID else None
-    revision = raw.get("revision") if _integer(raw.get("revision")) else None
+    revision = raw["revision"] if _integer(raw.get("revision")) and raw["revision"] >= 0 else None
     if retained:
         raise PushRefused("retained", ["a retained push is refused: a configuration is never published with "
                                        "retain (it would be taken again at every reconnect)"], push_id, revision)
