@@ -295,3 +295,36 @@ def test_kill_9_at_any_moment_of_an_apply_leaves_the_old_or_the_new_revision(run
     wait_online(agent, platform)
     assert running_revision(platform, agent, config, restarted) == active, "a revision never recorded is not run"
     wait_until(lambda: seq_complete(platform), 30, "every seq delivered")
+
+
+def test_a_10000_point_push_is_applied_with_no_seq_gap_and_no_reading_gap_on_unchanged_channels(
+        tmp_path: Path, broker: Any, plant: Any, agent_process: Any) -> None:
+    interval = 1.0
+    # 13 devices on 10 channels: a second's polls leave readings pending (a message is 5000), as in a real plant
+    data = plant_data(points=10_000, channels=10, per_device=800, interval=interval)
+    sim = start_plant(plant, data)
+    platform = platform_for(broker.port)
+    try:
+        config = site(data, sim, broker.port, tmp_path / "store.db", platform.config_public_key())
+        config["uplink"]["max_incoming_bytes"] = 4 * 1_048_576  # a 10,000-point push is about 1.2 MB
+        config["uplink"]["batch"] = {"max_readings": 5000, "max_delay": 0.9}
+        agent = agent_process(config)
+        agent.start()
+        wait_online(agent, platform, timeout=60)
+        wait_until(lambda: len(platform.readings()) > 30_000, 60, f"readings flowing\n{agent.log()[-2000:]}")
+        new = copy.deepcopy(config)
+        for point in new["channels"][9]["devices"][-1]["points"]:
+            point["limits"] = {"high": 92, "high_high": 97}
+        before = now_ms()
+        trial = push(platform, new, 1, timeout=60)
+        assert trial["state"] == "trial", trial
+        answered = now_ms()
+        wait_until(lambda: any(r.ts > answered + 3000 for r in platform.readings()) and seq_complete(platform), 60,
+                   f"readings after the apply, every seq\n{agent.log()[-2000:]}")
+        unchanged = points_of(config, [f"bench{c}" for c in range(9)])
+        gaps = longest_gaps(platform, unchanged, before - 3000, answered + 3000)
+        worst = sorted(gaps.items(), key=lambda kv: -kv[1])[:5]
+        assert max(gaps.values()) < 1.5 * interval, worst
+        assert platform.schema_errors() == []
+    finally:
+        platform.stop()
