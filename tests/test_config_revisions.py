@@ -215,6 +215,8 @@ def test_a_new_table_keeps_alarms_and_last_values_of_kept_points_and_clears_remo
         ts = int(time.time() * 1000)
         pipeline.ingest(ReadingBatch(ts, [0, 1, 2], [20.0, 20.0, 1.0], [GOOD, GOOD, GOOD]))
         assert pipeline.alarm_states() == {"P1/high": "raised", "P2/high": "raised"}
+        for slot in pipeline.table.devices:
+            pipeline.polled(slot, ts)
         new = table_config(tmp_path, ["P0", "P1", "P3"], {"P1": {"high": 10.0}})  # P2 gone, P0 new, P1 moved
         events = pipeline.reconfigure(Pipeline.prepare(new), ts + 1, "removed (revision 2)")
         assert [(e.id, e.state, e.message) for e in events] == [("P2/high", "cleared", "removed (revision 2)")]
@@ -222,6 +224,8 @@ def test_a_new_table_keeps_alarms_and_last_values_of_kept_points_and_clears_remo
         assert store.alarm_states() == {"P1/high": "raised"}
         assert pipeline.last_value[pipeline.table.by_id["P1"].index] == 20.0
         assert pipeline.quality[pipeline.table.by_id["P0"].index] != GOOD, "a new point starts never read"
+        rates = {r["device"]: r["hour"]["expected"] for r in pipeline.judge.online_rates(ts + 1)}
+        assert rates == {"d1": 0, "d2": 1}, "an unchanged device keeps counting its online rate"
         pipeline.ingest(ReadingBatch(ts + 2, [1, 2], [5.0, 1.0], [GOOD, GOOD]))
         assert [e.state for e in pipeline.alarms.evaluate(ReadingBatch(ts + 3, [1], [5.0], [GOOD]))] == [], \
             "the kept alarm cleared once, by its own rule"

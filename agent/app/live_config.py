@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ import orjson
 from agent.app.channels import changed_channels
 from agent.config.base import ChannelBase
 from agent.config.confine import confinement_errors, fixed_field_errors, own_folders, with_local_fields
-from agent.config.loader import load_config, parse_document, run_apart, validate_apart
+from agent.config.loader import gc_paused, in_thread, load_config, parse_document, run_apart, validate_apart
 from agent.config.models import AgentConfig
 from agent.config.revisions import SOURCES, Revision, RevisionError, RevisionFiles, Source, config_hash, file_hash
 from agent.control.actions import Actions
@@ -180,6 +181,13 @@ class LiveConfig:
         self._reloads: set[asyncio.Task[None]] = set()
         self._uplink_changed = False
 
+    @contextlib.asynccontextmanager
+    async def _busy(self) -> AsyncIterator[None]:
+        """One change of configuration at a time; no collection of the whole heap in the middle of one."""
+        async with self._lock:
+            with gc_paused():
+                yield
+
     # --- at start --------------------------------------------------------------------------------------------
 
     async def choose(self, bootstrap_config: AgentConfig) -> AgentConfig:
@@ -261,9 +269,9 @@ class LiveConfig:
             if errors:
                 raise ConfigError(str(path), errors)
             return config
-        kept = await asyncio.to_thread(self.files.load, target.revision)
+        kept = await in_thread(functools.partial(self.files.load, target.revision))
         try:
-            data = await asyncio.to_thread(orjson.loads, kept.payload)
+            data = await in_thread(functools.partial(orjson.loads, kept.payload))
         except orjson.JSONDecodeError:
             raise RevisionError(f"revision {target.revision}: its message is not JSON") from None
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
@@ -328,9 +336,10 @@ class LiveConfig:
             except TimeoutError:
                 item = None
             try:
-                if item is not None:
-                    await self._take_push(*item)
-                await self._watch_trial()
+                with gc_paused():  # no collection of the whole heap in the middle of an apply
+                    if item is not None:
+                        await self._take_push(*item)
+                    await self._watch_trial()
             except Exception:  # one push or check failing on a bug must not end the configuration's task
                 log.exception("config: handling a push or the trial failed")
 
@@ -338,14 +347,14 @@ class LiveConfig:
         cfg = self.stages.config
         trust = CommandTrust.of(cfg)
         try:
-            push: Push = await asyncio.to_thread(
+            push: Push = await in_thread(functools.partial(
                 read_push, payload, retained=retained, trust=trust, allow_unsigned=cfg.remote_config.allow_unsigned,
                 max_bytes=cfg.uplink.max_incoming_bytes, now_ms=self._now(),
-                max_age_ms=cfg.control.command_max_age * 1000)
+                max_age_ms=cfg.control.command_max_age * 1000))
         except PushRefused as exc:
             self._refuse(exc)
             return
-        async with self._lock:
+        async with self._busy():
             try:
                 checked = await self._check_push(push)
             except PushRefused as exc:
@@ -381,7 +390,7 @@ class LiveConfig:
             return {"ok": False, "state": "refused", "errors": [f"text: the configuration file's text, at most "
                                                                 f"{MAX_LOCAL_BYTES:,} bytes"]}
         source = name if isinstance(name, str) and name else "<config apply>"
-        async with self._lock:
+        async with self._busy():
             if self.trial is not None:
                 return _local_refusal("busy", [f"revision {self.trial.revision} is on trial: wait for its end, or "
                                                "`edge-agent config rollback`"])
@@ -412,7 +421,7 @@ class LiveConfig:
         """`edge-agent config rollback [REV]`: back to the previous revision, or to a kept one, or to the bootstrap
         file (`file`); applied at once, without a trial."""
         target = request.get("revision")
-        async with self._lock:
+        async with self._busy():
             if target is None:
                 earlier = Active.from_summary(self.active.previous) if self.active.previous is not None else None
                 if earlier is None:
@@ -446,7 +455,7 @@ class LiveConfig:
         """The bootstrap file again: applied on trial when it differs from what is active and its revision allows
         (above the active one, or equal when the active one is the file itself); else logged and let be."""
         path = self.bootstrap
-        async with self._lock:
+        async with self._busy():
             try:
                 data = await asyncio.to_thread(path.read_bytes)
                 config = await run_apart(lambda: load_config(path))
@@ -487,7 +496,7 @@ class LiveConfig:
             kept = Revision(checked.revision, checked.source, checked.hash, checked.payload, checked.kid,
                             checked.id, self._now())
             try:
-                await asyncio.to_thread(self.files.save, kept)
+                await in_thread(functools.partial(self.files.save, kept))
             except OSError as exc:
                 refused = PushRefused("storage", [f"cannot keep revision {checked.revision} in {self.files.folder}: "
                                                   f"{exc.strerror or exc}"], checked.id, checked.revision)
@@ -519,10 +528,12 @@ class LiveConfig:
 
     async def _apply(self, config: AgentConfig, active: Active, *, why: str) -> None:
         """Apply `config` to the running stages between two polls, and record `active` in the same step."""
-        parts = await asyncio.to_thread(Pipeline.prepare, config)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         stages = self.stages
         old = stages.config
-        keep, restart = changed_channels(old, config)
+        parts, (keep, restart) = await in_thread(lambda: (Pipeline.prepare(config), changed_channels(old, config)))
+        prepared = loop.time()
         # one step, no await: no poll, no reading, no command comes between the record and the stages
         self._record(active)
         map_before = stages.pipeline.encoder.map_id
@@ -547,6 +558,9 @@ class LiveConfig:
             uplink.maps_changed()
         uplink.republish_status()
         self.files.keep = config.remote_config.keep_revisions
+        log.info("config: applied in %.0f ms on the event loop, after %.0f ms compiling apart; channels kept %s, "
+                 "restarted %s", (loop.time() - prepared) * 1000, (prepared - began) * 1000,
+                 ", ".join(sorted(keep)) or "none", ", ".join(c.id for c in restart) or "none")
         await stages.start_channels(retired, restart)
 
     def _answering(self) -> set[tuple[str, str]]:
@@ -563,7 +577,7 @@ class LiveConfig:
             trial.reached = True
         if asyncio.get_running_loop().time() < trial.until:
             return
-        async with self._lock:
+        async with self._busy():
             if self.trial is not trial:
                 return
             reasons = []

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import json
 import os
 import pickle
 import reprlib
 import signal
+import sys
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -187,8 +190,51 @@ async def run_apart(work: Callable[[], T]) -> T:
         raise
     if not answer or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         return await asyncio.to_thread(work)  # the child died (out of memory?): here, to say what there is
-    value: T = _answer(await asyncio.to_thread(pickle.loads, answer))
+    value: T = _answer(await in_thread(functools.partial(pickle.loads, answer)))
     return value
+
+
+async def in_thread(work: Callable[[], T]) -> T:
+    """`work()` in a thread, the interpreter switching threads every millisecond meanwhile (not every 5 ms): a thread
+    that computes then holds the event loop up for about a millisecond each time the loop needs the interpreter
+    (a loop turn that calls SQLite a few times needs it a few times)."""
+    global _threads_working
+    if _threads_working == 0:
+        _switch_interval[0] = sys.getswitchinterval()
+        sys.setswitchinterval(0.001)
+    _threads_working += 1
+    try:
+        return await asyncio.to_thread(work)
+    finally:
+        _threads_working -= 1
+        if _threads_working == 0:
+            sys.setswitchinterval(_switch_interval[0])
+
+
+_threads_working = 0  # in_thread calls under way (the event loop's thread alone changes it)
+_switch_interval = [0.005]  # the interpreter's own, given back when none is under way
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off meanwhile: a whole collection of a 10,000-point agent's heap holds the
+    interpreter some 40 ms, and work that allocates much (a configuration compiled in a thread) would set one off
+    at any moment. Garbage without cycles is freed as always; the rest waits for the next collection."""
+    global _gc_pauses
+    if _gc_pauses == 0:
+        _gc_was_enabled[0] = gc.isenabled()
+        gc.disable()
+    _gc_pauses += 1
+    try:
+        yield
+    finally:
+        _gc_pauses -= 1
+        if _gc_pauses == 0 and _gc_was_enabled[0]:
+            gc.enable()
+
+
+_gc_pauses = 0
+_gc_was_enabled = [True]
 
 
 def _read_all(fd: int) -> bytes:
