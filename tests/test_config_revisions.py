@@ -255,3 +255,25 @@ def test_a_document_without_a_sig_member_hashes_as_its_canonical_bytes() -> None
     document = {"b": 1.0, "a": [1, "é"]}
     assert config_hash(document) == "sha256:" + hashlib.sha256('{"a":[1,"é"],"b":1}'.encode()).hexdigest()
     assert config_hash(copy.deepcopy(document)) == config_hash({"a": [1, "é"], "b": 1})
+
+
+def test_the_protocol_pages_push_verifies_validates_and_has_the_hash_of_its_trial_result() -> None:
+    import json
+    import re
+
+    from agent.trust.keys import parse_public_key
+    from agent.trust.signing import verify_payload
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
+    examples = [(kind, json.loads(body)) for kind, body in
+                re.findall(r"<!-- example: (config-[\w]+) -->\n```json\n(.*?)\n```", page, re.DOTALL)]
+    pushes = [e for kind, e in examples if kind == "config-set"]
+    trial = next(e for kind, e in examples if kind == "config-result" and e["state"] == "trial")
+    assert len(pushes) == 1
+    rfc8032 = TrustedKeys([parse_public_key("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")])
+    verify_payload(json.dumps(pushes[0], ensure_ascii=False).encode(), rfc8032)
+    trust = CommandTrust(rfc8032, agent="ipc-01", enterprise="150625000123")
+    push = read_push(json.dumps(pushes[0]).encode(), retained=False, trust=trust, allow_unsigned=False,
+                     max_bytes=1 << 20, now_ms=pushes[0]["ts"], max_age_ms=600_000)
+    assert (push.id, push.revision, push.hash) == (trial["id"], trial["revision"], trial["hash"])
+    validate_config_data(push.config, source="config", base_dir=Path("/etc/edge-agent"))

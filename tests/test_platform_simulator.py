@@ -424,7 +424,7 @@ def test_command_line_prints_messages_and_exits_1_on_a_gap(broker: int, publish:
 # -- the contract documents -----------------------------------------------------------------------------------
 
 EXAMPLE = re.compile(r"<!-- example: ([\w-]+) -->\n```json\n(.*?)\n```", re.DOTALL)
-COMMAND_KINDS = ("cmd", "cmd-result")
+COMMAND_KINDS = ("cmd", "cmd-result", "config-set", "config-result")
 
 
 def protocol_examples() -> list[tuple[str, dict[str, Any]]]:
@@ -443,6 +443,9 @@ def test_every_example_in_the_protocol_page_validates_against_its_schema() -> No
 
     validators["cmd"] = jsonschema.Draft202012Validator(json.loads((ROOT / "docs/schemas/cmd.schema.json").read_text()))
     validators["cmd-result"] = validators["cmd/result"]
+    for name in ("config-set", "config-result"):
+        validators[name] = jsonschema.Draft202012Validator(
+            json.loads((ROOT / f"docs/schemas/{name}.schema.json").read_text()))
     for kind, example in examples:
         errors = [f"{e.json_path}: {e.message}" for e in validators[kind].iter_errors(example)]
         assert errors == [], f"{kind} example {example}"
