@@ -214,17 +214,23 @@ def test_alarm_events_are_held_from_the_uplink_until_their_log_is_on_disk(tmp_pa
             real_sync()
 
         store.sync_log = sync_log  # type: ignore[method-assign]
-        woken: list[int] = []
+        woken: list[int | None] = []
 
         async def main() -> None:
-            pipeline = Pipeline(config(), store, on_stored=lambda: woken.append(store.last_seq()))
+            released = asyncio.Event()
+
+            def on_stored() -> None:
+                woken.append(store.hold_after)
+                if store.hold_after is None:
+                    released.set()
+
+            pipeline = Pipeline(config(), store, on_stored=on_stored)
             pipeline.ingest(batch(1000, [9.0, 1.0, True]))  # LT-101 above its high limit: one event
             seq = store.last_seq()
             assert store.hold_after == seq - 1  # committed, not yet sent: its log is not on disk yet
             assert store.fetch(0, upto=store.hold_after) == []
-            while store.hold_after is not None:
-                await asyncio.sleep(0.01)
-            assert synced == [seq] and woken[-1] == seq
+            await asyncio.wait_for(released.wait(), 10)
+            assert synced == [seq] and woken[-1] is None
             assert [r.seq for r in store.fetch(0, upto=store.hold_after)] == [seq]
 
         asyncio.run(main())

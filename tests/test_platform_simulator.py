@@ -283,7 +283,7 @@ def test_payload_naming_another_agent_than_its_topic_is_rejected(
     publish(f"{prefix}/{ENTERPRISE}/ipc-02/data", data(1, [reading("LT-101", T0, 1.0)]))
     publish(f"{prefix}/{ENTERPRISE}/{AGENT}/alarm", alarm(2, "GT-201", "high", "raised", 30.0, 25.0) | {"id": "X/high"})
     publish(f"{prefix}/{ENTERPRISE}/{AGENT}/telemetry", data(3, [reading("LT-101", T0, 1.0)]))
-    publish(f"{prefix}/{ENTERPRISE}/{AGENT}/config/result", b"reserved for later: not checked")
+    publish(f"{prefix}/{ENTERPRISE}/{AGENT}/config/set", b"what a platform sends: not checked")
     wait_received(platform, 4)
 
     errors = platform.schema_errors()
@@ -424,7 +424,7 @@ def test_command_line_prints_messages_and_exits_1_on_a_gap(broker: int, publish:
 # -- the contract documents -----------------------------------------------------------------------------------
 
 EXAMPLE = re.compile(r"<!-- example: ([\w-]+) -->\n```json\n(.*?)\n```", re.DOTALL)
-COMMAND_KINDS = ("cmd", "cmd-result")
+COMMAND_KINDS = ("cmd", "cmd-result", "config-set", "config-result")
 
 
 def protocol_examples() -> list[tuple[str, dict[str, Any]]]:
@@ -443,6 +443,9 @@ def test_every_example_in_the_protocol_page_validates_against_its_schema() -> No
 
     validators["cmd"] = jsonschema.Draft202012Validator(json.loads((ROOT / "docs/schemas/cmd.schema.json").read_text()))
     validators["cmd-result"] = validators["cmd/result"]
+    for name in ("config-set", "config-result"):
+        validators[name] = jsonschema.Draft202012Validator(
+            json.loads((ROOT / f"docs/schemas/{name}.schema.json").read_text()))
     for kind, example in examples:
         errors = [f"{e.json_path}: {e.message}" for e in validators[kind].iter_errors(example)]
         assert errors == [], f"{kind} example {example}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ class Reports:
     actions: Actions
     watch: LoopWatch = field(default_factory=LoopWatch)
     commands: CommandHandler | None = None
+    config_info: Callable[[], dict[str, Any]] | None = None  # the active revision, the trial, refused pushes
     started: float = field(default_factory=time.time)
     _process: psutil.Process = field(default_factory=psutil.Process)
 
@@ -86,6 +88,7 @@ class Reports:
             "max_loop_stall_ms": self.watch.take(),
             "online": self.pipeline.judge.online_rates(),
             "disk_free_mb": None if disk_free is None else round(disk_free, 1),
+            **({"config": self.config_info()} if self.config_info is not None else {}),
         }
 
     def status(self) -> dict[str, Any]:
@@ -97,6 +100,7 @@ class Reports:
             "enterprise": self.config.agent.enterprise,
             "version": __version__,
             "config_version": self.config.version,
+            **self._revision(),
             "uptime_s": round(time.time() - self.started),
             "production_state": self.actions.production_state,
             "alarms": [{"id": alarm_id, "state": state} for alarm_id, state in sorted(states.items())],
@@ -104,6 +108,14 @@ class Reports:
             "uplink": {"connected": self.uplink.connected, "last_error": self.uplink.last_error},
             **self._field(),
         }
+
+    def _revision(self) -> dict[str, Any]:
+        """The active configuration revision and its hash (and where it came from, the trial), for `status`."""
+        if self.config_info is None:
+            return {}
+        info = self.config_info()
+        return {"config_revision": info["revision"], "config_hash": info["hash"],
+                "config": {k: info[k] for k in ("revision", "source", "hash", "kid", "trial")}}
 
     # --- what the field CLI asks over the control socket (read-only) -----------------------------------------
 

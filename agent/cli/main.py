@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from agent.cli import config_revisions
 from agent.cli.base import (
     _CONFIG_OPTION,
     _SOCKET_OPTION,
@@ -55,7 +56,7 @@ def run(config_path: Path, log_level: str | None) -> None:
     _setup_logging(log_level or config.log_level)
     logging.getLogger("asyncua").setLevel(logging.WARNING)
     try:
-        asyncio.run(Agent(config).run())
+        asyncio.run(Agent(config, config_path).run())
     except (OSError, AgentError) as exc:
         _fail(f"cannot run: {exc}", 1)
     except ExceptionGroup as group:  # a task failed: name it plainly, the log has the traceback
@@ -65,7 +66,11 @@ def run(config_path: Path, log_level: str | None) -> None:
 
 @main.group()
 def config() -> None:
-    """Check configuration files and print their schema."""
+    """Check configuration files, print their schema, show, apply and roll back the running one's revisions."""
+
+
+for _command in (config_revisions.config_show, config_revisions.config_apply, config_revisions.config_rollback):
+    config.add_command(_command)
 
 
 @config.command("check")

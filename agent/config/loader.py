@@ -6,14 +6,20 @@ dozen characters of what it got.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import gc
 import json
 import os
 import pickle
 import reprlib
+import signal
+import sys
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import yaml
 from pydantic import ValidationError
@@ -24,6 +30,7 @@ from agent.config.models import AgentConfig
 from agent.config.sharing import share_equal_parts
 from agent.errors import ConfigError
 
+T = TypeVar("T")
 _QUOTE = reprlib.Repr()
 _QUOTE.maxstring = _QUOTE.maxother = 80
 
@@ -132,20 +139,8 @@ def load_config_apart(path: Path | str) -> AgentConfig:
         return load_config(path)
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: answer through the pipe, never return into the caller's code
-        code = 0
-        try:
-            os.close(read_end)
-            try:
-                answer: tuple[str, Any] = ("ok", load_config(path))
-            except ConfigError as exc:
-                answer = ("error", (exc.source, exc.errors))
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(answer, out, protocol=pickle.HIGHEST_PROTOCOL)
-        except BaseException:  # whatever happens here, the child must end here
-            code = 1
-        finally:
-            os._exit(code)
+    if pid == 0:
+        _answer_and_exit(lambda: load_config(path), read_end, write_end)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         data = pipe.read()
@@ -153,15 +148,131 @@ def load_config_apart(path: Path | str) -> AgentConfig:
     if not data or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         # e.g. the loader ran out of memory and was killed: load here, to report what there is to report
         return load_config(path)
-    kind, value = pickle.loads(data)  # our own child's answer, through our own pipe
+    config = _answer(pickle.loads(data))  # our own child's answer, through our own pipe
+    assert isinstance(config, AgentConfig)
+    return config
+
+
+async def validate_apart(data: dict[str, Any], *, source: str, base_dir: Path | None,
+                         check: Callable[[AgentConfig], list[str]] | None = None) -> AgentConfig:
+    """`validate_config_data` (and `check`, whose lines are errors too) for a running daemon, apart (`run_apart`):
+    a 10,000-point document takes about 0.2 s of validation that would hold the event loop in one piece. Raises
+    ConfigError with every error's path."""
+    def work() -> AgentConfig:
+        config = validate_config_data(data, source=source, base_dir=base_dir)
+        errors = check(config) if check is not None else []
+        if errors:
+            raise ConfigError(source, errors)
+        return config
+
+    return await run_apart(work)
+
+
+async def run_apart(work: Callable[[], T]) -> T:
+    """`work()` in a child process, its answer read and rebuilt in threads, so that the event loop never stalls
+    for more than a few milliseconds however large the configuration; ConfigError passes through. `work` runs in
+    a fork of this process: it must not log or take a lock another thread may hold. Where there is no fork, or
+    the child dies, it runs in a thread here instead."""
+    if not hasattr(os, "fork"):
+        return await asyncio.to_thread(work)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _answer_and_exit(work, read_end, write_end)
+    os.close(write_end)
+    try:
+        answer = await asyncio.to_thread(_read_all, read_end)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    except BaseException:  # cancelled (a stop): the child must not outlive the wait for it
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # noqa: ASYNC222 (killed: it ends at once)
+        raise
+    if not answer or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        return await asyncio.to_thread(work)  # the child died (out of memory?): here, to say what there is
+    value: T = _answer(await in_thread(functools.partial(pickle.loads, answer)))
+    return value
+
+
+async def in_thread(work: Callable[[], T]) -> T:
+    """`work()` in a thread, the interpreter switching threads every millisecond meanwhile (not every 5 ms): a thread
+    that computes then holds the event loop up for about a millisecond each time the loop needs the interpreter
+    (a loop turn that calls SQLite a few times needs it a few times)."""
+    global _threads_working
+    if _threads_working == 0:
+        _switch_interval[0] = sys.getswitchinterval()
+        sys.setswitchinterval(0.001)
+    _threads_working += 1
+    try:
+        return await asyncio.to_thread(work)
+    finally:
+        _threads_working -= 1
+        if _threads_working == 0:
+            sys.setswitchinterval(_switch_interval[0])
+
+
+_threads_working = 0  # in_thread calls under way (the event loop's thread alone changes it)
+_switch_interval = [0.005]  # the interpreter's own, given back when none is under way
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off meanwhile: a whole collection of a 10,000-point agent's heap holds the
+    interpreter some 40 ms, and work that allocates much (a configuration compiled in a thread) would set one off
+    at any moment. Garbage without cycles is freed as always; the rest waits for the next collection."""
+    global _gc_pauses
+    if _gc_pauses == 0:
+        _gc_was_enabled[0] = gc.isenabled()
+        gc.disable()
+    _gc_pauses += 1
+    try:
+        yield
+    finally:
+        _gc_pauses -= 1
+        if _gc_pauses == 0 and _gc_was_enabled[0]:
+            gc.enable()
+
+
+_gc_pauses = 0
+_gc_was_enabled = [True]
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read()
+
+
+def _answer_and_exit(work: Callable[[], Any], read_end: int, write_end: int) -> NoReturn:
+    """In the child: answer through the pipe, never return into the caller's code."""
+    code = 0
+    try:
+        os.close(read_end)
+        try:
+            answer: tuple[str, Any] = ("ok", work())
+        except ConfigError as exc:
+            answer = ("error", (exc.source, exc.errors))
+        with os.fdopen(write_end, "wb") as out:
+            pickle.dump(answer, out, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:  # whatever happens here, the child must end here
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _answer(answer: tuple[str, Any]) -> Any:
+    kind, value = answer
     if kind == "error":
         raise ConfigError(*value)
-    assert isinstance(value, AgentConfig)
     return value
 
 
 def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> AgentConfig:
     """Validate YAML text; relative store paths are resolved against base_dir."""
+    return validate_config_data(parse_document(text, source=source), source=source, base_dir=base_dir)
+
+
+def parse_document(text: str, *, source: str = "<config>") -> dict[str, Any]:
+    """The configuration document in YAML (or JSON) text, not yet validated; ConfigError when it is not one."""
     if text.lstrip()[:1] == "{":
         data = _load_json(text, source)  # JSON is YAML too; read as JSON, a 100,000-point file takes a tenth
     else:
@@ -174,7 +285,7 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
             raise ConfigError(source, [f"{where}YAML syntax error: {problem}"]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must be a YAML mapping with at least `agent:`"])
-    return validate_config_data(data, source=source, base_dir=base_dir)
+    return data
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

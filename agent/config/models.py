@@ -287,7 +287,15 @@ class AgentConfig(Model):
     remote_config: RemoteConfig = Field(
         default_factory=RemoteConfig, description="Signed commands and configurations from the platform: its keys."
     )
-    version: str = Field("local", max_length=64, description="Configuration version, reported in `status`.")
+    version: str = Field("local", max_length=64, description="Configuration version, a free label reported in "
+                         "`status` (`config_version`); the order of configurations is `revision`'s.")
+    revision: int = Field(
+        0, ge=0, le=2**53 - 1,
+        description="The configuration's revision: an integer that grows with every change. A push from the platform "
+        "(`config/set`) carries it and must be above the active one. The bootstrap file's own revision decides, at "
+        "start and on SIGHUP, whether the file replaces a revision taken from the platform: only a higher one does "
+        "(`edge-agent config show` tells which is active and why).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
 
     @model_validator(mode="after")

@@ -126,6 +126,11 @@ class CommandHandler:
         # commands refused for their signature, by SignatureRefused.kind (also counted in `refused`)
         self.signature_refused: dict[RefusalKind, int] = dict.fromkeys(REFUSAL_KINDS, 0)
 
+    def reconfigure(self, trust: CommandTrust, max_age: float) -> None:
+        """A new configuration: its keys and agent, and its command age window, from the next command on."""
+        self._trust = trust
+        self._max_age_ms = max_age * 1000
+
     def handle(self, payload: bytes, source: str = "platform", *, retained: bool = False,
                caller: str = "") -> dict[str, Any]:
         """The result of one request; never raises."""
@@ -177,11 +182,9 @@ class CommandHandler:
             return self._error(command.id, command.cmd, "a retained command is refused: commands are never "
                                                         "retained (publish with retain=false)")
         if source == "platform" and command.ts is not None:
-            age = self._clock() * 1000 - command.ts
-            if abs(age) > self._max_age_ms:
-                return self._error(command.id, command.cmd, f"ts is {abs(age) / 1000:.0f}s "
-                                   f"{'old' if age > 0 else 'ahead of the agent clock'}: refused (the window is "
-                                   f"{self._max_age_ms / 1000:.0f}s; check both clocks)")
+            stale = age_error(command.ts, self._clock() * 1000, self._max_age_ms)
+            if stale:
+                return self._error(command.id, command.cmd, stale)
         if source != "platform" and command.cmd in PLATFORM_ONLY:
             return self._error(command.id, command.cmd, f"{command.cmd} is only taken from the platform")
         wrong_target = self._wrong_target(command, signed=signed and source == "platform")
@@ -206,31 +209,13 @@ class CommandHandler:
         return outcome
 
     def _verified(self, payload: bytes, raw: dict[str, Any]) -> dict[str, Any]:
-        """The command without its `sig`, read again strictly (no member given twice: what was verified is what
-        runs), once the signature verifies; SignatureRefused otherwise."""
         if SIG not in raw:
             raise SignatureRefused("unsigned", "sig: missing: the platform's commands must be signed "
                                                "(remote_config.require_signed_cmd)")
-        try:
-            strict = loads_strict(payload)
-        except NotCanonical as exc:
-            raise SignatureRefused("not_canonical", f"cannot be signed: {exc}") from None
-        verify(strict, self._trust.keys)
-        return {key: value for key, value in strict.items() if key != SIG}
+        return verified(payload, self._trust.keys)[0]
 
     def _wrong_target(self, command: ResetCommand | ProductionStateCommand | StatusCommand, *, signed: bool) -> str:
-        """Why the command is not for this agent, or ''. A signed one must say whom it is for and when it was sent:
-        else it could be replayed to another agent, or here long after."""
-        trust = self._trust
-        for name, ours in (("agent", trust.agent), ("enterprise", trust.enterprise)):
-            theirs = getattr(command, name)
-            if theirs is None and signed:
-                return f"{name}: required in a signed command (whom it is for)"
-            if theirs is not None and ours is not None and theirs != ours:
-                return f"{name}: the command is for {quote(theirs)}, this is {quote(ours)}"
-        if signed and command.ts is None:
-            return "ts: required in a signed command (so that it cannot be replayed later)"
-        return ""
+        return target_error(command.agent, command.enterprise, command.ts, self._trust, signed=signed)
 
     def _recall(self, source: str, cmd_id: str) -> tuple[str, dict[str, Any]] | None:
         done = self._done.setdefault(source, OrderedDict()).get(cmd_id)
@@ -258,6 +243,44 @@ class CommandHandler:
     @staticmethod
     def _error(cmd_id: str | None, name: str | None, message: str) -> dict[str, Any]:
         return {"v": 1, "id": cmd_id, "cmd": name, "ok": False, "error": message}
+
+
+# --- the checks every message from the platform gets (commands here, configurations in agent.control.pushes) -----
+
+
+def verified(payload: bytes, keys: Mapping[str, Ed25519PublicKey]) -> tuple[dict[str, Any], str]:
+    """The message in `payload` without its `sig`, read again strictly (no member given twice: what was verified
+    is what runs), and the id of the key that signed it, once its signature verifies against `keys`;
+    SignatureRefused otherwise."""
+    try:
+        strict = loads_strict(payload)
+    except NotCanonical as exc:
+        raise SignatureRefused("not_canonical", f"cannot be signed: {exc}") from None
+    kid = verify(strict, keys)
+    return {key: value for key, value in strict.items() if key != SIG}, kid
+
+
+def target_error(agent: str | None, enterprise: str | None, ts: int | None, trust: CommandTrust, *,
+                 signed: bool, noun: str = "command") -> str:
+    """Why a message naming `agent`/`enterprise` is not for this agent, or ''. A signed one must say whom it is for
+    and when it was sent: else it could be replayed to another agent, or here long after."""
+    for name, theirs, ours in (("agent", agent, trust.agent), ("enterprise", enterprise, trust.enterprise)):
+        if theirs is None and signed:
+            return f"{name}: required in a signed {noun} (whom it is for)"
+        if theirs is not None and ours is not None and theirs != ours:
+            return f"{name}: the {noun} is for {quote(theirs)}, this is {quote(ours)}"
+    if signed and ts is None:
+        return f"ts: required in a signed {noun} (so that it cannot be replayed later)"
+    return ""
+
+
+def age_error(ts: int, now_ms: float, max_age_ms: float) -> str:
+    """Why a message sent at `ts` (ms) is refused as too old or too far ahead of the agent's clock, or ''."""
+    age = now_ms - ts
+    if abs(age) <= max_age_ms:
+        return ""
+    return (f"ts is {abs(age) / 1000:.0f}s {'old' if age > 0 else 'ahead of the agent clock'}: refused (the window "
+            f"is {max_age_ms / 1000:.0f}s; check both clocks)")
 
 
 _ADAPTER: TypeAdapter[ResetCommand | ProductionStateCommand | StatusCommand] = TypeAdapter(Command)

@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,23 @@ import orjson
 
 log = logging.getLogger(__name__)
 
-_LIMIT = 64 * 1024
+_LIMIT = 16 * 1_048_576 + 4096  # a line: a configuration file's text (`config apply`) at most
+MAX_CLIENTS = 4  # at once; a client beyond is closed unanswered
 
 
 class ControlServer:
     def __init__(self, path: Path, handle: Callable[[bytes, str], dict[str, Any]],
-                 queries: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
+                 queries: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
+                 actions: dict[str, Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]] | None = None) -> None:
         """`handle(request, caller)`: caller names the local user ("uid 1000 pid 4242"), for the log. `queries`:
-        read-only questions only local users may ask (`points`, `channels`, `buffer`), answered here."""
+        read-only questions only local users may ask (`points`, `channels`, `buffer`), answered here. `actions`:
+        requests of local users that take a while (`config_apply`, `config_rollback`), awaited here; each answers
+        with a dict that says `ok`."""
         self.path = path
         self.handle = handle
         self.queries = queries or {}
+        self.actions = actions or {}
+        self._clients = asyncio.Semaphore(MAX_CLIENTS)
 
     async def run(self) -> None:
         try:
@@ -54,15 +60,41 @@ class ControlServer:
                 self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-            result = self._query(line) or self.handle(line.strip(), _caller(writer))
-            writer.write(orjson.dumps(result) + b"\n")
-            await writer.drain()
-        except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
-            log.debug("control socket client dropped: %s", exc)
-        finally:
+        if self._clients.locked():  # each client may send up to _LIMIT bytes: their number bounds the memory
             writer.close()
+            return
+        async with self._clients:
+            try:
+                line = await asyncio.wait_for(reader.readline(), 30)
+                result = self._query(line) or await self._act(line, writer) or \
+                    self.handle(line.strip(), _caller(writer))
+                writer.write(orjson.dumps(result) + b"\n")
+                await writer.drain()
+            except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
+                log.debug("control socket client dropped: %s", exc)
+            finally:
+                writer.close()
+
+    async def _act(self, line: bytes, writer: asyncio.StreamWriter) -> dict[str, Any] | None:
+        """The answer to a local action (`config_apply`...), or None when the line is not one."""
+        if not any(name.encode() in line for name in self.actions):
+            return None  # not worth parsing: the commands are small
+        try:
+            request = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(request, dict) or request.get("cmd") not in self.actions:
+            return None
+        name = request["cmd"]
+        cmd_id = request.get("id") if isinstance(request.get("id"), str) and len(request["id"]) <= 128 else None
+        caller = _caller(writer)
+        try:
+            answer = await self.actions[name](request, caller)
+        except Exception as exc:  # an action must never take the socket down
+            log.exception("control socket: %s failed", name)
+            answer = {"ok": False, "errors": [f"internal error: {type(exc).__name__}"]}
+        log.info("local %s from %s: %s", name, caller, "ok" if answer.get("ok") else answer.get("errors"))
+        return {"v": 1, "id": cmd_id, "cmd": name, **answer}
 
 
     def _query(self, line: bytes) -> dict[str, Any] | None:

@@ -13,7 +13,9 @@ import functools
 import logging
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -35,30 +37,26 @@ _MAX_UNSTORED_EVENTS = 100_000  # alarm events held in memory while the store re
 _ARCHIVE_SLICE = 250  # archive chunks encoded and written per turn of the loop (about 10 ms)
 
 
+@dataclass
+class PipelineParts:
+    """What a configuration compiles to for the pipeline, built apart from the running one (in a thread, while
+    the old parts keep working) and then installed in one step (`Pipeline.reconfigure`)."""
+
+    config: AgentConfig
+    table: PointTable
+    energy: dict[int, tuple[DailyEnergy, int, str]]  # source point index -> (counter, derived index, meter id)
+    judge: QualityRules
+    alarms: AlarmEngine
+    encoder: DataEncoder
+    ids: list[str]  # point ids by index
+    bools: frozenset[str]  # the on/off points
+
+
 class Pipeline:
     def __init__(self, config: AgentConfig, store: Store, on_stored: Callable[[], None] = lambda: None) -> None:
-        self.config = config
         self.store = store
         self.on_stored = on_stored
-        self.table = PointTable(config)
-        # derived points (daily energy) get their indices before anything sizes itself on the table
-        self._energy: dict[int, tuple[DailyEnergy, int, str]] = {}
-        for meter in config.power.meters:
-            if meter.daily_energy is not None and meter.total_energy is not None:
-                derived = self.table.add_derived(meter.daily_energy, "kWh", "power", meter.id)
-                source = self.table.by_id[meter.total_energy].index
-                self._energy[source] = (DailyEnergy(meter.rollover), derived.index, meter.id)
-        self.judge = QualityRules(self.table, config)  # data quality: frozen, spikes, range ends, online rates
-        self.alarms = AlarmEngine(self.table, config)
-        self.identity = identity_fields(config.agent.id, config.agent.enterprise)
-        # built once the table is complete (derived points above): the compact encoding's map numbers its points
-        self.encoder = DataEncoder(self.identity, self.table, config.uplink.encoding)
-        self.max_readings = config.uplink.batch.max_readings
-        self.max_delay = config.uplink.batch.max_delay
-        self.quality = bytearray([_UNKNOWN]) * len(self.table)
-        # each point's last reading, for `edge-agent points` (one slot a point, no object per reading)
-        self.last_value: list[Any] = [None] * len(self.table)
-        self.last_ts = array("q", bytes(8 * len(self.table)))
+        self._install(self.prepare(config))
         self._pending: list[ReadingBatch] = []
         self._pending_count = 0
         self._pending_since = 0.0
@@ -70,12 +68,120 @@ class Pipeline:
         self.events_out = 0
         self.lost_readings = 0  # readings the store refused (disk full, unreadable file)
         self._unstored: list[tuple[bytes, int]] = []  # alarm events the store refused, retried first
-        self._id_of = [p.id for p in self.table.points]
+        self._retired: list[ArchiveBuffer] = []  # readings gathered under an earlier configuration, not yet archived
+        self._register()
+        self._restore_state()
+
+    @staticmethod
+    def prepare(config: AgentConfig) -> PipelineParts:
+        """Compile `config` for the pipeline; touches nothing running (safe in another thread)."""
+        table = PointTable(config)
+        # derived points (daily energy) get their indices before anything sizes itself on the table
+        energy: dict[int, tuple[DailyEnergy, int, str]] = {}
+        for meter in config.power.meters:
+            if meter.daily_energy is not None and meter.total_energy is not None:
+                derived = table.add_derived(meter.daily_energy, "kWh", "power", meter.id)
+                source = table.by_id[meter.total_energy].index
+                energy[source] = (DailyEnergy(meter.rollover), derived.index, meter.id)
+        judge = QualityRules(table, config)  # data quality: frozen, spikes, range ends, online rates
+        alarms = AlarmEngine(table, config)
+        # built once the table is complete (derived points above): the compact encoding's map numbers its points
+        encoder = DataEncoder(identity_fields(config.agent.id, config.agent.enterprise), table, config.uplink.encoding)
+        return PipelineParts(config, table, energy, judge, alarms, encoder, [p.id for p in table.points],
+                             frozenset(p.id for p in table.points if p.is_bool))
+
+    def _install(self, parts: PipelineParts) -> None:
+        config = self.config = parts.config
+        self.table = parts.table
+        self._energy = parts.energy
+        self.judge = parts.judge
+        self.alarms = parts.alarms
+        self.identity = identity_fields(config.agent.id, config.agent.enterprise)
+        self.encoder = parts.encoder
+        self.max_readings = config.uplink.batch.max_readings
+        self.max_delay = config.uplink.batch.max_delay
+        self.quality = bytearray([_UNKNOWN]) * len(self.table)
+        # each point's last reading, for `edge-agent points` (one slot a point, no object per reading)
+        self.last_value: list[Any] = [None] * len(self.table)
+        self.last_ts = array("q", bytes(8 * len(self.table)))
+        self._id_of = parts.ids
+        self._bools = parts.bools
         self.archive = ArchiveBuffer(self._id_of)
-        self._remap_keys()
+
+    def _register(self, ids: list[str] | set[str] | None = None, bools: frozenset[str] | None = None) -> None:
+        """Tell the store the points (`ids` and `bools`: only these, which it does not know yet) and the point map."""
+        self._remap_keys(self._id_of if ids is None else ids, self._bools if bools is None else bools)
         self.store.attempt("registering the point map",
                            lambda: self.store.register_map(self.encoder.map_id, self.encoder.map_message()))
-        self._restore_state()
+
+    def reconfigure(self, parts: PipelineParts, now: int, why: str) -> list[AlarmEvent]:
+        """Install a new configuration's parts between two polls, losing nothing: pending readings are stored with
+        the old encoding first, the readings gathered for the archive are carried (archived at the next flush),
+        each kept point keeps its last reading and its alarm states, and an alarm raised on a point or a rule that
+        is gone is cleared with an event (`why` says why, in its message). Returns those events, stored."""
+        self.flush()
+        old_table, old_alarms, old_judge = self.table, self.alarms, self.judge
+        old_quality, old_value, old_ts = self.quality, self.last_value, self.last_ts
+        old_energy = {meter: counter for counter, _, meter in self._energy.values()}
+        states = self.alarm_states()
+        if self.archive.count:
+            self._retired.append(self.archive)
+        old_ids, old_bools = self._id_of, self._bools
+        self._install(parts)
+        runs = self._kept_runs(old_table, old_ids)
+        self._carry_last(old_table, runs, old_quality, old_value, old_ts)
+        self.judge.carry(old_judge, runs)
+        for counter, _, meter in self._energy.values():
+            if meter in old_energy:
+                counter.restore(old_energy[meter].save())
+        gone = [a for a in self.alarms.load(states, now) if not a.endswith("/" + ALARM_TYPE)]
+        gone += self.judge.load(states, now)
+        events = []
+        for alarm_id in sorted(gone):
+            rule = old_alarms.rule(alarm_id)
+            if rule is not None:
+                events.append(rule.event("cleared", None, now, message=why))
+            else:  # a data_quality alarm
+                point = alarm_id.rpartition("/")[0]
+                unit = old_table.by_id[point].unit if point in old_table.by_id else ""
+                events.append(AlarmEvent(point, ALARM_TYPE, 1, "cleared", None, None, unit, now, why))
+        self._register(set(parts.ids).difference(old_ids), parts.bools - old_bools)
+        self.store_events(events)  # the new states are saved with the events, in one synced commit
+        return events
+
+    def _kept_runs(self, old_table: PointTable, old_ids: list[str]) -> list[tuple[int, int, int, int, int]]:
+        """The devices whose points kept their ids and order: (old first index, new first index, count, old device
+        slot, new device slot), each a run of consecutive indices in both tables."""
+        old_slots = {(s.channel.id, s.device.id): (k, s.indices) for k, s in enumerate(old_table.devices)}
+        runs = []
+        for k, slot in enumerate(self.table.devices):
+            old_slot, before = old_slots.get((slot.channel.id, slot.device.id), (-1, []))
+            n = len(slot.indices)
+            if n and len(before) == n and \
+                    self._id_of[slot.indices[0]:slot.indices[0] + n] == old_ids[before[0]:before[0] + n]:
+                runs.append((before[0], slot.indices[0], n, old_slot, k))
+        return runs
+
+    def _carry_last(self, old_table: PointTable, runs: list[tuple[int, int, int, int, int]], old_quality: bytearray,
+                    old_value: list[Any], old_ts: array[int]) -> None:
+        """Each kept point's last reading, from the old arrays: a device whose points are as they were in one
+        slice each (10,000 points: about a millisecond), the others point by point."""
+        done = 0
+        for old_first, new_first, n, _, _ in runs:
+            self.quality[new_first:new_first + n] = old_quality[old_first:old_first + n]
+            self.last_value[new_first:new_first + n] = old_value[old_first:old_first + n]
+            self.last_ts[new_first:new_first + n] = old_ts[old_first:old_first + n]
+            done += n
+        if done == len(self.table):
+            return
+        for info in self.table.points:
+            if self.quality[info.index] != _UNKNOWN:
+                continue  # carried above
+            kept = old_table.by_id.get(info.id)
+            if kept is not None:
+                self.quality[info.index] = old_quality[kept.index]
+                self.last_value[info.index] = old_value[kept.index]
+                self.last_ts[info.index] = old_ts[kept.index]
 
     def _restore_state(self) -> None:
         """Alarm states and the energy counters as they were before the restart."""
@@ -128,12 +234,12 @@ class Pipeline:
         if self._energy:
             self.store.attempt("saving energy counters", save)
 
-    def _remap_keys(self) -> None:
-        """Tell the store every point and which are on/off (history reads those back as booleans); the store
+    def _remap_keys(self, ids: list[str] | set[str], bools: frozenset[str]) -> None:
+        """Tell the store these points and which are on/off (history reads those back as booleans); the store
         tells a file that replaces a damaged one again by itself."""
-        bools = frozenset(p.id for p in self.table.points if p.is_bool)
-        self.store.attempt("registering points", lambda: self.store.point_keys((p.id for p in self.table.points),
-                                                                                bools))
+        names = [*(ids if isinstance(ids, list) else sorted(ids)), *sorted(bools.difference(ids))]
+        if names:
+            self.store.attempt("registering points", lambda: self.store.point_keys(names, bools))
 
     # --- decode → alarms → store -----------------------------------------------------------------
 
@@ -258,10 +364,10 @@ class Pipeline:
         """Write the readings gathered since the last flush to the archive, as one chunk per point, in one
         transaction (at a stop and at start); `force`: even with nothing gathered (ends a flush under way)."""
         self.flush()  # every reading in the archive buffer is now in a stored message
-        if self.archive.count == 0 and not force:
+        if self._archive_count() == 0 and not force:
             return
         mark = self.store.last_seq()
-        chunks = list(self.archive.take())
+        chunks = list(self._take_archive())
         self.store.attempt("writing the archive", lambda: self.store.write_chunks(chunks, mark))
 
     def recover_archive(self) -> int:
@@ -300,13 +406,14 @@ class Pipeline:
         interval = self.config.store.archive_interval
         while True:
             await asyncio.sleep(interval)
+            interval = self.config.store.archive_interval  # a new configuration may change it
             self.flush()
             self.save_energy()
-            if self.archive.count == 0:
+            if self._archive_count() == 0:
                 continue
             mark = self.store.last_seq()
             rows: list[Row] = []
-            taking = self.archive.take()
+            taking = self._take_archive()
             try:
                 for row in taking:
                     rows.append(row)
@@ -320,6 +427,16 @@ class Pipeline:
                 self.store.attempt("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
                 raise
             self.store.attempt("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
+
+    def _archive_count(self) -> int:
+        return self.archive.count + sum(b.count for b in self._retired)
+
+    def _take_archive(self) -> Iterator[Row]:
+        """Empty the archive buffer and those of earlier configurations (each names its points as it was built)."""
+        # swapped at once: readings that come while the rows are written belong to the next flush
+        retired, self._retired = [*self._retired, self.archive], []
+        self.archive = ArchiveBuffer(self._id_of)
+        return chain.from_iterable(b.take() for b in retired)
 
     async def flush_loop(self) -> None:
         """Store a partial batch once its oldest reading has waited max_delay."""

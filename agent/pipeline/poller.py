@@ -41,6 +41,7 @@ class DeviceState:
     late: int = 0  # polls run after their slot (the one before overran): their readings carry the real time
     overruns: int = 0  # slots skipped because the polls before them overran by a whole interval or more
     overrun_logged: float = -1e9  # loop time of the last warning about skipped slots
+    retired: bool = False  # its channel was restarted or removed by a new configuration: it reads no more
     clock: DeviceClock = field(init=False)  # the device's own timestamps against the agent's clock (decode checks)
 
     def __post_init__(self) -> None:
@@ -79,13 +80,14 @@ class Poller:
         loop = asyncio.get_running_loop()
         for d in devices:
             d.due, d.retry_at = loop.time(), 0.0
-        points = self.table.points
         try:
             while True:
                 dev = min(devices, key=lambda d: d.due)
                 delay = dev.due - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                if dev.retired:
+                    return
                 ts = int(time.time() * 1000)
                 if dev.failures and loop.time() < dev.retry_at:
                     self.ingest(bad_batch(dev.slot.indices, ts))
@@ -93,13 +95,16 @@ class Poller:
                 else:
                     began = loop.time()
                     read = await self._read(driver, dev)
+                    if dev.retired:
+                        return  # a new configuration took this channel over while it read: its slots are gone
                     dev.round_trip = loop.time() - began
                     dev.polls += 1
                     if read is None:
                         self.ingest(bad_batch(dev.slot.indices, ts))
                         failed = True
                     else:
-                        self.ingest(decode(points, dev.slot.indices, read, ts, dev.clock, dev.slot))
+                        # the table of the moment: a new configuration may have renumbered the points between polls
+                        self.ingest(decode(self.table.points, dev.slot.indices, read, ts, dev.clock, dev.slot))
                         failed = read.positions is None and all(v is None for v in read.values)
                     self.polled(dev.slot, ts)
                     self._outcome(dev, read, failed)
@@ -109,7 +114,28 @@ class Poller:
                         dev.retry_at = loop.time() + backoff
                 self._next_slot(dev, loop.time())
         finally:
+            if self.drivers.get(channel.id) is driver:
+                del self.drivers[channel.id]
             await driver.close()
+
+    def reconfigure(self, table: PointTable, keep: set[str]) -> None:
+        """A new point table, installed between two polls: the devices of the channels in `keep` (unchanged, their
+        tasks go on) keep their state and poll schedule with the new slots; every other device starts afresh,
+        and the devices of channels not kept are retired (their tasks are being cancelled)."""
+        kept = {(d.slot.channel.id, d.slot.device.id): d for d in self.devices if d.slot.channel.id in keep}
+        devices = []
+        for slot in table.devices:
+            state = kept.pop((slot.channel.id, slot.device.id), None) if slot.channel.id in keep else None
+            if state is None:
+                state = DeviceState(slot)
+            else:
+                state.slot = slot
+            devices.append(state)
+        for state in self.devices:
+            if state.slot.channel.id not in keep:
+                state.retired = True
+        self.table = table
+        self.devices = devices
 
     @staticmethod
     def _next_slot(dev: DeviceState, now: float) -> None:

@@ -518,9 +518,53 @@ class QualityRules:
             if info is None or state != "raised" or self._slot(info.index) == NO_SLOT:
                 unknown.append(alarm_id)
                 continue
+            if info.index in self._raised:
+                continue  # taken over from the configuration before (`carry`), with its state
             self._raised.add(info.index)
             self._flags[info.index] |= _RESTORED
         return unknown
+
+    # --- a new configuration ------------------------------------------------------------------------------
+
+    def carry(self, old: QualityRules, runs: list[tuple[int, int, int, int, int]]) -> set[int]:
+        """Take over, from the rules of the configuration before, the state of the points that are as they were:
+        `runs` are (old first index, new first index, count, old device slot, new device slot) of devices whose
+        points kept their ids and order. A run whose rules changed starts afresh. The counting windows of the
+        online rates go on; a device of a run keeps its counts. Returns the new indices taken over (their raised
+        alarm included: `load` leaves them be)."""
+        taken: set[int] = set()
+        moved: dict[int, int] = {}
+        for a, c, n, old_slot, new_slot in runs:
+            if (old._lo[a:a + n] != self._lo[c:c + n] or old._hi[a:a + n] != self._hi[c:c + n]
+                    or [old._profiles[k] for k in old._prof[a:a + n]] != [self._profiles[k] for k in
+                                                                          self._prof[c:c + n]]):
+                continue
+            self._ref[c:c + n] = old._ref[a:a + n]
+            for mine, theirs in ((self._due, old._due), (self._miss_hour, old._miss_hour),
+                                 (self._miss_prev_hour, old._miss_prev_hour), (self._miss_day, old._miss_day),
+                                 (self._miss_prev_day, old._miss_prev_day)):
+                mine[c:c + n] = theirs[a:a + n]
+            self._flags[c:c + n] = old._flags[a:a + n]
+            for mine_d, theirs_d in ((self._polls_hour, old._polls_hour), (self._polls_prev_hour,
+                                      old._polls_prev_hour), (self._polls_day, old._polls_day),
+                                     (self._polls_prev_day, old._polls_prev_day)):
+                mine_d[new_slot] = theirs_d[old_slot]
+            off = old._off.get(old_slot)
+            if off:
+                self._off[new_slot] = {i - a + c for i in off}
+            elif new_slot in self._off:
+                del self._off[new_slot]
+            moved.update(zip(range(a, a + n), range(c, c + n), strict=True))
+            taken.update(range(c, c + n))
+        for name in ("_spike", "_garbage", "_edge"):
+            theirs_map: dict[int, Any] = getattr(old, name)
+            getattr(self, name).update({moved[i]: v for i, v in theirs_map.items() if i in moved})
+        self._spiky |= {moved[i] for i in old._spiky if i in moved}
+        self._raised |= {moved[i] for i in old._raised if i in moved}
+        for name in ("_hour_start", "_hour_end", "_prev_hour_end", "_day_start", "_day_end", "_prev_day_start",
+                     "_prev_day_end", "_counting_since", "_prev_from", "_last_scan"):
+            setattr(self, name, getattr(old, name))
+        return taken
 
     # --- online rates -------------------------------------------------------------------------------------
 

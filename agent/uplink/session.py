@@ -49,6 +49,8 @@ class Owner(Protocol):
 
     def command_arrived(self, payload: bytes, *, retained: bool) -> None: ...
 
+    def config_arrived(self, payload: bytes, *, retained: bool) -> None: ...
+
 
 class Session:
     """One connection: a paho client wired to the event loop, with its in-flight map."""
@@ -151,6 +153,8 @@ class Session:
         # only queued here: a command runs in its own task, never inside paho's read callback
         if message.topic == self.uplink.topic("cmd"):
             self.uplink.command_arrived(bytes(message.payload), retained=bool(message.retain))
+        elif message.topic == self.uplink.topic("config/set"):
+            self.uplink.config_arrived(bytes(message.payload), retained=bool(message.retain))
 
     async def connect(self) -> None:
         cfg = self.uplink.cfg
@@ -179,8 +183,9 @@ class Session:
         await asyncio.wait_for(self.connected, cfg.connect_timeout)
 
     def subscribe_commands(self, topic: str) -> None:
+        """Subscribe to a topic of requests from the platform (`cmd`, `config/set`)."""
         if self.uplink.cfg.protocol == "5":
-            # keep the retain flag on live deliveries too, so a retained command is refused from its first delivery
+            # keep the retain flag on live deliveries too, so a retained request is refused from its first delivery
             options = SubscribeOptions(qos=1, retainAsPublished=True)
             self.client.subscribe(topic, options=options)
         else:

@@ -15,6 +15,7 @@ import logging
 import sqlite3
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from agent.uplink.session import COMPRESS_LEVEL, Session
 log = logging.getLogger(__name__)
 
 COMMAND_QUEUE = 32  # commands waiting for their turn; more at once are refused unanswered (counted)
+MAX_RESULTS = 32  # results (config/result) waiting for a connection; the oldest go beyond it
 
 
 class Uplink:
@@ -51,6 +53,10 @@ class Uplink:
         self.health = health
         # (payload, retained) -> the result to publish on cmd/result
         self.on_command: Callable[[bytes, bool], dict[str, Any]] | None = None
+        # (payload, retained): a configuration push, handed over at once (it answers on config/result itself)
+        self.on_config: Callable[[bytes, bool], None] | None = None
+        self.config_revision: int | None = None  # reported in the online status with its hash
+        self.config_hash: str | None = None
         self.started = int(time.time() * 1000)
         self.root = f"{cfg.prefix}/{identity.enterprise}/{identity.id}"
         self.client_id = cfg.client_id or f"{identity.enterprise}-{identity.id}"
@@ -67,6 +73,10 @@ class Uplink:
         self.commands_dropped = 0
         self.oversized_dropped = 0
         self.last_error: str | None = None
+        # results published apart from commands (config/result), kept until the broker has them, over reconnects
+        self._results: deque[tuple[str, bytes]] = deque()
+        self._results_waiting = asyncio.Event()
+        self._maps_changed = False
 
     # --- used by the rest of the agent -----------------------------------------------------------------
 
@@ -95,6 +105,52 @@ class Uplink:
             self.commands_dropped += 1
             log.warning("uplink: %d commands already waiting; one of %d bytes dropped unanswered",
                         COMMAND_QUEUE, len(payload))
+
+    def config_arrived(self, payload: bytes, *, retained: bool) -> None:
+        """From paho's read callback: a configuration push, handed over (it is checked and queued there)."""
+        if self.on_config is not None:
+            self.on_config(payload, retained)
+
+    def send_result(self, leaf: str, message: dict[str, Any]) -> None:
+        """Publish `message` on `leaf` (e.g. config/result) once connected, again after a reconnect until the broker
+        has acknowledged it; the oldest is dropped beyond MAX_RESULTS waiting."""
+        self._results.append((leaf, orjson.dumps(message)))
+        while len(self._results) > MAX_RESULTS:
+            dropped = self._results.popleft()
+            log.warning("uplink: %d results waiting for the broker; the oldest, on %s, dropped", MAX_RESULTS,
+                        dropped[0])
+        self._results_waiting.set()
+
+    def drop_results(self, keep: Callable[[bytes], bool]) -> None:
+        """Forget waiting results `keep` says no to (a trial result overtaken by its rollback)."""
+        self._results = deque(r for r in self._results if keep(r[1]))
+
+    def reconfigure(self, cfg: UplinkConfig) -> bool:
+        """New uplink settings; when the connection's own changed (broker, credentials, TLS, topics...) the session
+        is closed and the next one connects with them. True when it reconnects."""
+        old, self.cfg = self.cfg, cfg
+        self.root = f"{cfg.prefix}/{self.identity.enterprise}/{self.identity.id}"
+        self.client_id = cfg.client_id or f"{self.identity.enterprise}-{self.identity.id}"
+        reconnect = old.model_copy(update={"batch": cfg.batch, "health_interval": cfg.health_interval,
+                                           "backlog_rate": cfg.backlog_rate}) != cfg
+        session = self._session
+        if reconnect and session is not None and not session.closed.is_set():
+            log.info("uplink: new settings; reconnecting to %s:%d", cfg.host, cfg.port)
+            session.close()
+        self.wake()
+        return reconnect
+
+    def maps_changed(self) -> None:
+        """A new point map is in use: published (retained) before any data written with it."""
+        self._maps_changed = True
+        self.wake()
+
+    def republish_status(self) -> None:
+        """The online status again (a new configuration revision)."""
+        session = self._session
+        if session is not None and self.connected:
+            self._confirm(session.publish_other(self.topic("status"), self.online_payload(), retain=True),
+                          "online status")
 
     def counters(self) -> dict[str, int]:
         return {"published": self.published, "delivered": self.delivered, "refused": self.refused,
@@ -128,6 +184,8 @@ class Uplink:
             "enterprise": self.identity.enterprise,
             "version": self.version,
             "config_version": self.config_version,
+            **({"config_revision": self.config_revision, "config_hash": self.config_hash}
+               if self.config_revision is not None else {}),
             "started": self.started,
             "ts": int(time.time() * 1000),
         })
@@ -179,9 +237,11 @@ class Uplink:
         self._confirm(session.publish_other(self.topic("status"), self.online_payload(), retain=True), "online status")
         if self.on_command is not None:
             session.subscribe_commands(self.topic("cmd"))
+        if self.on_config is not None:
+            session.subscribe_commands(self.topic("config/set"))
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(session.misc()), tg.create_task(self._send(session)),
-                     tg.create_task(self._run_commands(session))]
+                     tg.create_task(self._run_commands(session)), tg.create_task(self._send_results(session))]
             if self.health is not None:
                 tasks.append(tg.create_task(self._health(session)))
             await session.closed.wait()
@@ -209,6 +269,21 @@ class Uplink:
                 continue
             self._confirm(session.publish_other(self.topic("cmd/result"), orjson.dumps(result)),
                           f"result of command {result.get('id')!r}")
+
+    async def _send_results(self, session: Session) -> None:
+        """Publish the waiting results in order; each leaves the queue once the broker has it."""
+        while True:
+            self._results_waiting.clear()
+            for leaf, payload in list(self._results):
+                waiter = session.publish_other(self.topic(leaf), payload)
+                try:
+                    await waiter
+                except ConnectionError as exc:
+                    log.warning("uplink: a result on %s not delivered: %s; sent again after a reconnect", leaf, exc)
+                    return
+                with contextlib.suppress(ValueError):
+                    self._results.remove((leaf, payload))
+            await self._results_waiting.wait()
 
     async def _send(self, session: Session) -> None:
         """Send until the session closes, the point maps first; a store failure pauses sending, never ends the
@@ -260,6 +335,12 @@ class Uplink:
         next_ack_flush = loop.time() + 0.2
         while not session.closed.is_set():
             self._wake.clear()
+            if self._maps_changed:
+                self._maps_changed = False
+                if not await self._publish_maps(session):
+                    self._maps_changed = True  # data written with the new map wait until the broker has it
+                    await asyncio.sleep(self.cfg.reconnect_min)
+                    continue
             progressed = False
             room = plan.live_room(len(session.inflight))
             if room > 0:

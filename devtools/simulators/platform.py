@@ -3,7 +3,8 @@ against docs/schemas, and keeps what a platform keeps (de-duplicated by seq), so
 was lost. It reads `data` of both contract versions: version 1, and version 2 (compact, zlib-compressed or not)
 with the point maps it keeps from `map/+`; either becomes the same readings.
 
-It only listens and never publishes, so it cannot change what the agent does (config/cmd are not simulated).
+It publishes only when a test asks it to: a command (`command`) or a signed configuration push (`push_config`,
+with a key pair of its own), whose results it keeps.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # docs/schemas, linked so that it ships with the simulator
 KINDS = ("data", "alarm", "status", "health", "quality")
-# Platform → agent exchanges reserved for a later contract version; seen on `{prefix}/#` but not checked.
-RESERVED_KINDS = frozenset({"config/set", "config/result"})
+# What this platform itself sends to the agents; seen on `{prefix}/#` and let be.
+RESERVED_KINDS = frozenset({"config/set"})
 MAX_GAPS_LISTED = 100_000
 # version 2 (compact): the schema of its data messages and of the point maps on `map/{id}`
 COMPACT_SCHEMAS = ("data-v2", "map")
@@ -394,6 +395,8 @@ class PlatformSimulator:
         self._alarms: list[dict[str, Any]] = []
         self._statuses: list[dict[str, Any]] = []
         self._results: list[dict[str, Any]] = []
+        self._config_results: list[dict[str, Any]] = []
+        self._config_key: Any = None  # the key it signs configuration pushes with, made when first needed
         self._health: list[dict[str, Any]] = []
         self._quality: list[dict[str, Any]] = []
         self._errors: list[str] = []
@@ -569,6 +572,9 @@ class PlatformSimulator:
         if kind == "cmd/result":
             self._keep_result(topic, payload)
             return
+        if kind == "config/result":
+            self._keep_config_result(topic, payload)
+            return
         if kind not in KINDS:
             self._reject(f"{topic}: unknown message kind {kind!r}")
             return
@@ -703,6 +709,84 @@ class PlatformSimulator:
             return bool(found)
 
         return found[0] if self.wait_for(arrived, timeout) else None
+
+    # -- configuration pushes (config/set → config/result) ------------------------------------------------------
+
+    def config_public_key(self) -> str:
+        """The public key the simulator signs configuration pushes with, as an agent's remote_config.keys lists it
+        (base64url of the raw 32 bytes); the key pair is made on first use and kept for the simulator's life."""
+        from agent.trust.keys import generate_private_key, public_key_text
+
+        if self._config_key is None:
+            self._config_key = generate_private_key()
+        return str(public_key_text(self._config_key.public_key()))
+
+    def push_config(self, enterprise: str, agent: str, config: dict[str, Any], revision: int, *,
+                    push_id: str | None = None, not_after: int | None = None, signed: bool = True,
+                    retain: bool = False, timeout: float = 30.0, payload: bytes | None = None,
+                    **members: Any) -> dict[str, Any] | None:
+        """Sign (with `config_public_key`'s key) and publish a configuration push on `config/set`: the agent,
+        enterprise, id, revision, ts (now) and `config`, with `not_after` and any `members` added (or replaced);
+        `payload` publishes those bytes instead, as they are (`push_id` then names the id they carry). Returns the
+        push's first `config/result` (the agent answers `trial` when it applies it, `refused` else;
+        `config_results` has the later `applied` or `rolled_back`), or None when none came within `timeout`."""
+        from agent.trust.signing import sign_payload
+
+        client = self._client
+        if client is None:
+            raise PlatformSimulatorError("the platform simulator is not started")
+        if payload is not None:
+            answer_id = push_id  # the id the given payload carries (None: an answer with a null id)
+        else:
+            push_id = answer_id = push_id or f"cfg-{uuid.uuid4().hex[:12]}"
+            message: dict[str, Any] = {"v": 1, "id": push_id, "revision": revision, "ts": int(time.time() * 1000),
+                                       "agent": agent, "enterprise": enterprise, "config": config}
+            if not_after is not None:
+                message["not_after"] = not_after
+            message.update(members)
+            if signed:
+                self.config_public_key()
+                payload = sign_payload(message, self._config_key)
+            else:
+                payload = orjson.dumps(message)
+
+        def answers() -> list[dict[str, Any]]:
+            return [r for r in self.config_results() if r.get("id") == answer_id]
+
+        before = len(answers())
+        client.publish(f"{self.prefix}/{enterprise}/{agent}/config/set", payload, qos=1, retain=retain)
+        found: list[dict[str, Any]] = []
+
+        def answered(p: PlatformSimulator) -> bool:
+            found[:] = answers()[before:]
+            return bool(found)
+
+        return found[0] if self.wait_for(answered, timeout) else None
+
+    def config_results(self, push_id: str | None = None) -> list[dict[str, Any]]:
+        """The `config/result` messages received, in arrival order (of one push's id when given: null for the
+        answers to pushes with no readable id)."""
+        with self._lock:
+            return [r for r in self._config_results if push_id is None or r.get("id") == push_id]
+
+    def _keep_config_result(self, topic: str, payload: bytes | bytearray) -> None:
+        try:
+            msg = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            self._reject(f"{topic}: not UTF-8 JSON ({exc}): {payload[:80]!r}")
+            return
+        if self.validate:
+            validator = self._validators.get("config/result")
+            if validator is None:
+                schema = orjson.loads((SCHEMA_DIR / "config-result.schema.json").read_bytes())
+                validator = self._validators["config/result"] = jsonschema.Draft202012Validator(schema)
+            errors = [_describe(e) for e in itertools.islice(validator.iter_errors(msg), 3)]
+            if errors:
+                self._reject(f"{topic}: " + "; ".join(errors))
+                return
+        with self._lock:
+            self._config_results.append(msg)
+        self._call_hook(topic, msg)
 
     def _keep(self, enterprise: str, agent: str, kind: str, msg: dict[str, Any], decoded: list[Row] | None) -> None:
         if kind == "status":
