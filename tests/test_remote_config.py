@@ -330,3 +330,19 @@ def test_a_10000_point_push_is_applied_with_no_seq_gap_and_no_reading_gap_on_unc
         assert platform.schema_errors() == []
     finally:
         platform.stop()
+
+
+def test_a_push_that_silences_most_devices_rolls_back_and_they_answer_again(running: Any) -> None:
+    platform, agent, config = running
+    from conftest import free_port
+
+    new = copy.deepcopy(config)
+    for channel in new["channels"][:2]:
+        channel["port"] = free_port()  # two of the three devices' servers are not there
+    done = final_result(platform, push(platform, new, 4)["id"], timeout=60)
+    assert done["state"] == "rolled_back", done
+    assert done["errors"] == ["2 of 3 devices that answered before stopped answering: bench0/dev1, bench1/dev2"]
+    back = now_ms()
+    wait_until(lambda: {r.point for r in platform.readings() if r.ts > back + 1000 and r.quality == "good"}
+               >= {"P00000", "P00020", "P00040"}, 30, "good readings of every device again")
+    assert show(agent.config_path)["revision"] == 0
