@@ -43,6 +43,9 @@ def test_a_local_file_is_applied_on_trial_and_rolled_back_on_request(running: An
     assert done.returncode == 0 and "revision 1 applied, on trial" in done.stdout, done.stderr
     shown = show(agent.config_path)
     assert (shown["revision"], shown["source"], shown["kid"]) == (1, "local", None) and shown["trial"] is not None
+    status = edge_agent("status", "--config", str(agent.config_path))
+    assert f"revision 1 {shown['hash'][:19]}" in status.stdout, status.stdout
+    assert "configuration revision 1 on trial" in status.stdout and "else back to revision 0" in status.stdout
     busy = cli(agent, "apply", str(path))
     assert busy.returncode == 1 and "revision 1 is on trial" in busy.stderr
     bad = copy.deepcopy(local)

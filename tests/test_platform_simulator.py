@@ -283,7 +283,7 @@ def test_payload_naming_another_agent_than_its_topic_is_rejected(
     publish(f"{prefix}/{ENTERPRISE}/ipc-02/data", data(1, [reading("LT-101", T0, 1.0)]))
     publish(f"{prefix}/{ENTERPRISE}/{AGENT}/alarm", alarm(2, "GT-201", "high", "raised", 30.0, 25.0) | {"id": "X/high"})
     publish(f"{prefix}/{ENTERPRISE}/{AGENT}/telemetry", data(3, [reading("LT-101", T0, 1.0)]))
-    publish(f"{prefix}/{ENTERPRISE}/{AGENT}/config/set", b"what a platform sends: not checked")
+    publish(f"{prefix}/{ENTERPRISE}/{AGENT}/config/set", b"what the platform itself sends: not checked")
     wait_received(platform, 4)
 
     errors = platform.schema_errors()

@@ -330,3 +330,49 @@ def test_a_10000_point_push_is_applied_with_no_seq_gap_and_no_reading_gap_on_unc
         assert platform.schema_errors() == []
     finally:
         platform.stop()
+
+
+def test_a_push_that_silences_most_devices_rolls_back_and_they_answer_again(running: Any) -> None:
+    platform, agent, config = running
+    from conftest import free_port
+
+    new = copy.deepcopy(config)
+    for channel in new["channels"][:2]:
+        channel["port"] = free_port()  # two of the three devices' servers are not there
+    done = final_result(platform, push(platform, new, 4)["id"], timeout=60)
+    assert done["state"] == "rolled_back", done
+    assert done["errors"] == ["2 of 3 devices that answered before stopped answering: bench0/dev1, bench1/dev2"]
+    back = now_ms()
+    wait_until(lambda: {r.point for r in platform.readings() if r.ts > back + 1000 and r.quality == "good"}
+               >= {"P00000", "P00020", "P00040"}, 30, "good readings of every device again")
+    assert show(agent.config_path)["revision"] == 0
+
+
+def test_with_compact_data_a_new_point_map_reaches_the_platform_before_data_written_with_it(
+        tmp_path: Path, broker: Any, plant: Any, agent_process: Any) -> None:
+    data = plant_data()
+    sim = start_plant(plant, data)
+    platform = platform_for(broker.port)
+    try:
+        config = site(data, sim, broker.port, tmp_path / "store.db", platform.config_public_key())
+        config["uplink"]["encoding"] = "compact"
+        for channel in config["channels"]:
+            channel["devices"][0]["points"] = channel["devices"][0]["points"][:15]
+        agent = agent_process(config)
+        agent.start()
+        wait_online(agent, platform)
+        wait_until(lambda: len(platform.readings()) > 100, 30, "compact readings decoded")
+        maps_before = len(platform.maps())
+        new = copy.deepcopy(config)
+        new["channels"][1]["devices"][0]["points"] = [dict(p, id=f"N{p['id']}") for p in
+                                                      data["channels"][1]["devices"][0]["points"]]
+        trial = push(platform, new, 3)
+        assert trial["state"] == "trial", trial
+        wait_until(lambda: any(r.point == "NP00039" for r in platform.readings()), 30,
+                   f"a new point decoded with the new map\n{agent.log()[-2000:]}")
+        assert len(platform.maps()) == maps_before + 1 and platform.waiting_for_maps() == 0
+        status = [s for s in platform.statuses() if s.get("config_revision") == 3]
+        assert status, "the online status again, with the new revision, on the same connection"
+        assert platform.report().agent(AGENT, ENTERPRISE).duplicates == 0 and platform.schema_errors() == []
+    finally:
+        platform.stop()

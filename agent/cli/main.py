@@ -168,8 +168,13 @@ def status(config_path: Path, socket: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(answer, ensure_ascii=False))
         sys.exit(0 if answer.get("ok") else 1)
     r = answer["result"]
-    click.echo(f"agent {r['enterprise']}/{r['agent']} {r['version']} (config {r['config_version']}), "
+    revision = f", revision {r['config_revision']} {str(r['config_hash'])[:19]}" if "config_revision" in r else ""
+    click.echo(f"agent {r['enterprise']}/{r['agent']} {r['version']} (config {r['config_version']}{revision}), "
                f"up {r['uptime_s']} s, production {r['production_state']}")
+    trial = (r.get("config") or {}).get("trial")
+    if trial:
+        click.echo(f"configuration revision {trial['revision']} on trial, {trial['ends_in_s']:.0f} s left, else back "
+                   f"to revision {trial['previous']}")
     click.echo(f"uplink: {'connected' if r['uplink']['connected'] else 'DISCONNECTED'}"
                + (f" ({r['uplink']['last_error']})" if r["uplink"]["last_error"] else "")
                + f"; backlog {r['backlog']['messages']} message(s), {r['backlog']['readings']} reading(s)")
