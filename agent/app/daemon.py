@@ -18,6 +18,7 @@ import signal
 from typing import Any
 
 from agent import __version__
+from agent.app.agent_key import load_sealer
 from agent.app.health import Reports
 from agent.app.stall import LoopWatch
 from agent.app.systemd import Watchdog, sd_notify, watchdog_interval
@@ -85,6 +86,7 @@ class Agent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         cfg = self.config
+        self.store.sealer = load_sealer(cfg.store.path.parent)
         with self.store:
             uplink = Uplink(cfg.uplink, cfg.agent, self.store, version=__version__, config_version=cfg.version)
             pipeline = Pipeline(cfg, self.store, on_stored=uplink.wake)

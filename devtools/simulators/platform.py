@@ -172,7 +172,7 @@ class _FastDataCheck:
         return True
 
     def __call__(self, msg: dict[str, Any]) -> bool:
-        if msg.keys() != _DATA_KEYS:
+        if msg.keys() != _DATA_KEYS and not (msg.keys() - _SEAL_KEYS == _DATA_KEYS and _seal_ok(msg)):
             return False
         v, seq, readings = msg["v"], msg["seq"], msg["readings"]
         if type(v) is not int or v != 1 or type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
@@ -203,6 +203,37 @@ class _FastDataCheck:
             elif type(value) not in _NUMBER_OR_BOOL:
                 return False
         return True
+
+
+_SEAL_KEYS = frozenset({"chain", "sig"})
+_LINK_KEYS = frozenset({"prev_seq", "prev_topic", "prev_hash"})
+_HASH_TEXT = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+_KID_TEXT = re.compile(r"[0-9a-f]{16}")
+_SIGNATURE_TEXT = re.compile(r"[A-Za-z0-9_-]{85}[AQgw]")
+
+
+def _seal_ok(msg: dict[str, Any]) -> bool:
+    """Whether the `chain` and `sig` members a message may carry are what their schemas accept (or stricter)."""
+    chain, sig = msg.get("chain"), msg.get("sig")
+    if chain is not None:
+        if type(chain) is not dict:
+            return False
+        if chain.keys() == {"start"}:
+            if chain["start"] not in ("new", "recovered"):
+                return False
+        elif chain.keys() != _LINK_KEYS or type(chain["prev_seq"]) is not int \
+                or not 0 <= chain["prev_seq"] <= _MAX_SEQ or chain["prev_topic"] not in ("alarm", "data", "quality") \
+                or type(chain["prev_hash"]) is not str or not _HASH_TEXT.fullmatch(chain["prev_hash"]):
+            return False
+    elif "chain" in msg:
+        return False
+    if "sig" in msg:
+        if type(sig) is not dict or sig.keys() != {"alg", "kid", "value"} or sig["alg"] != "ed25519":
+            return False
+        if type(sig["kid"]) is not str or type(sig["value"]) is not str:
+            return False
+        return bool(_KID_TEXT.fullmatch(sig["kid"]) and _SIGNATURE_TEXT.fullmatch(sig["value"]))
+    return True
 
 
 def load_validators(schema_dir: Path = SCHEMA_DIR) -> dict[str, jsonschema.protocols.Validator]:
