@@ -28,6 +28,10 @@ ENC_RAW = 0
 ENC_ZLIB = 1
 CHAIN_HEAD = "chain_head"
 """The meta key of the chain's head: `seq topic hash` of the last message sealed (agent.trust.chain.Head)."""
+EVICTED_UPTO = "evicted_upto"
+"""The meta key of the highest seq of data the store evicted to stay within its disk bounds."""
+EXPIRED_UPTO = "expired_upto"
+"""The meta key of the highest seq of a message the store deleted when its retention ended."""
 
 
 class Row(NamedTuple):
@@ -155,6 +159,8 @@ class Outbox(Database):
                 "SELECT seq, count, acked FROM outbox WHERE kind = 1 ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
             self.db.executemany("DELETE FROM outbox WHERE seq = ?", [(r[0],) for r in rows])
+            if rows:  # `edge-agent verify` tells a message the store let go from one deleted by hand
+                self.set_meta(EVICTED_UPTO, max(int(self.meta(EVICTED_UPTO, 0) or 0), max(r[0] for r in rows)))
         undelivered = sum(r[1] for r in rows if not r[2])
         return undelivered, sum(r[1] for r in rows) - undelivered
 

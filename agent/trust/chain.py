@@ -274,15 +274,21 @@ class ChainVerifier:
     def missing(self) -> list[Finding]:
         """Every predecessor named by a message received but not received itself: on its way still (a backlog),
         or lost: dropped, deleted, or evicted telemetry (health.evicted_readings)."""
-        out = []
-        for seq, (prev, topic, _) in sorted(self._links.items()):
-            if prev not in self._entries:
-                out.append(Finding(prev, "missing", f"seq {prev} ({topic}), named by seq {seq} as its predecessor, "
-                                   "has not arrived"))
-        return out
+        return [Finding(prev, "missing", f"seq {prev} ({topic}), named by seq {seq} as its predecessor, has not "
+                        "arrived") for prev, topic, seq in self.missing_links()]
 
-    def has(self, seq: int) -> bool:
-        return seq in self._entries
+    def missing_links(self) -> list[tuple[int, str, int]]:
+        """(seq, topic, named by) of every predecessor named but not received, in seq order."""
+        return [(prev, topic, seq) for seq, (prev, topic, _) in sorted(self._links.items())
+                if prev not in self._entries]
+
+    def newest(self) -> int | None:
+        """The highest seq taken into the chain."""
+        return max(self._entries, default=None)
+
+    def entry(self, seq: int) -> tuple[bytes, str] | None:
+        """(hash, topic) of the message received under `seq`, if one was taken into the chain."""
+        return self._entries.get(seq)
 
     def _broken(self, seq: int, prev: int, held_topic: str, named_topic: str) -> Finding:
         return Finding(seq, "broken_link", f"seq {seq} names seq {prev} ({named_topic}) as its predecessor, but the "
