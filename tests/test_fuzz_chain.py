@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from test_fuzz_compact import ENCODER, IDENTITY, TABLE, batches
 
 from agent.core import AlarmEvent, ReadingBatch
-from agent.messages import alarm_body, data_body, frame
+from agent.messages import SealReady, alarm_body, data_body, frame
 from agent.seal import Sealer, body_entry_bytes
 from agent.trust.canonical import NotCanonical, loads_strict
 from agent.trust.chain import ChainVerifier, Head, entry_bytes
@@ -46,6 +46,8 @@ def test_the_fast_road_gives_the_generic_bytes_for_every_body_the_encoders_write
         batch_list: list[ReadingBatch], compact: bool) -> None:
     body = ENCODER.body(batch_list)[0] if compact else data_body(IDENTITY, TABLE.points, batch_list)[0]
     assert body_entry_bytes(body, 42, LINK, data=True) == generic(body, 42, LINK)
+    large = any(type(v) is int and abs(v) > 2**53 - 1 for b in batch_list for v in b.values)
+    assert compact or isinstance(body, SealReady) != large  # the version 1 road taken unless it cannot be
 
 
 def any_double() -> st.SearchStrategy[float]:
@@ -58,6 +60,14 @@ def any_double() -> st.SearchStrategy[float]:
 
 
 scalar = st.one_of(any_double(), st.integers(-(2**63), 2**64 - 1), st.booleans(), st.none())
+
+
+@given(st.lists(st.tuples(st.integers(0, len(TABLE) - 1), scalar), min_size=1, max_size=30))
+def test_a_version_1_body_is_written_as_rfc_8785_whatever_its_values(readings: list[tuple[int, Any]]) -> None:
+    batch = ReadingBatch(1_764_331_200_000, [i for i, _ in readings], [v for _, v in readings],
+                         [2 if v is None else 0 for _, v in readings])
+    body, _ = data_body(IDENTITY, TABLE.points, [batch])
+    assert body_entry_bytes(body, 42, LINK, data=True) == generic(body, 42, LINK)
 
 
 @given(st.lists(scalar, min_size=1, max_size=30), st.booleans())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import sqlite3
 import zlib
 from array import array
@@ -17,6 +18,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 from conftest import ROOT
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.cli.main import main
 from agent.core import KIND_ALARM, KIND_DATA, KIND_QUALITY
@@ -391,3 +393,31 @@ def test_entry_bytes_leave_out_hist_and_sig_and_write_large_integers_as_doubles(
     message = {"v": 1, "seq": 3, "hist": True, "sig": {"alg": "ed25519"}, "value": 2**60 + 1, "x": 12.0}
     assert entry_bytes(message) == b'{"seq":3,"v":1,"value":1152921504606847000,"x":12}'  # as JavaScript writes it
     assert float(orjson.loads(entry_bytes(message))["value"]) == float(2**60 + 1)  # the same double
+
+
+# -- the protocol page ---------------------------------------------------------------------------------------------
+
+
+def test_the_protocol_pages_chain_examples_verify_with_the_test_key_and_show_their_entry_bytes() -> None:
+    text = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    section = text[text.index("## Tamper-evident messages"):text.index("\n## ", text.index("## Tamper-evident"))]
+    seed = re.search(r"private key \(seed\)\s*`([0-9a-f]{64})`", text)
+    assert seed is not None
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed.group(1)))
+    examples = [(kind, json.loads(body)) for kind, body in
+                re.findall(r"<!-- example: ([\w-]+) -->\n```json\n(.*?)\n```", section, re.DOTALL)]
+    assert [kind for kind, _ in examples] == ["alarm", "data"]
+    verifier = ChainVerifier(TrustedKeys([key.public_key()]))
+    for kind, example in reversed(examples):  # the later one first, as a backlog may come
+        assert verifier.add(example, kind) == []
+    assert verifier.missing() == [] and verifier.restarts == [(examples[0][1]["seq"], "new")]
+    shown = re.search(r"<!-- entry bytes -->\n```text\n(.*?)\n```", section, re.DOTALL)
+    assert shown is not None and entry_bytes(examples[0][1]) == shown.group(1).encode()
+    digest = entry_hash(shown.group(1).encode())
+    assert f"`{digest.hex()}`" in section and f"`{b64(digest)}`" in section
+    assert examples[1][1]["chain"]["prev_hash"] == b64(digest)
+    # the agent, given the alarm event's body, seals it exactly so (Ed25519 is deterministic)
+    alarm = examples[0][1]
+    body = orjson.dumps({k: v for k, v in alarm.items() if k not in ("v", "seq", "hist", "chain", "sig")})[1:]
+    sealed, _ = Sealer(key).seal("alarm", alarm["seq"], body, None, "new")
+    assert loads_strict(frame(alarm["seq"], False, sealed))["sig"] == alarm["sig"]
