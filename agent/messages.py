@@ -9,6 +9,8 @@ is the only one that knows the text. A body tells its own version: a compact one
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 import orjson
@@ -16,12 +18,23 @@ import orjson
 from agent.compact import PREFIX, TS_MAX, TS_MIN, CompactEncoder, MapLookup, read_compact
 from agent.config.points import PointInfo, PointTable
 from agent.core import GOOD, QUALITY_CODES, QUALITY_NAMES, REASONS, AlarmEvent, ReadingBatch
+from agent.trust.canonical import MAX_SAFE_INTEGER, format_number
 
 ENCODINGS = ("json", "compact")
-_QUALITY_TAIL = tuple(f',"quality":"{name}"}}' for name in QUALITY_NAMES)
+# a reading's members are written in RFC 8785 order (point, quality, reason, ts, value), so the seal can hash the
+# readings as they are (agent.seal); JSON readers do not care about the order
+_QUALITY_MID = tuple(f'"{name}","ts":' for name in QUALITY_NAMES)
 # a reading that is not good and says why: its reason follows its quality
-_REASON_TAIL: dict[tuple[int, str | None], str] = {(code, reason): f',"quality":"{name}","reason":"{reason}"}}'
+_REASON_MID: dict[tuple[int, str | None], str] = {(code, reason): f'"{name}","reason":"{reason}","ts":'
                 for code, name in enumerate(QUALITY_NAMES) if code != GOOD for reason in REASONS}
+
+
+class SealReady(bytes):
+    """A stored `data` body (version 1) whose members and numbers are already as RFC 8785 writes them: once `chain`
+    goes after the agent's member (which ends at `agent_end`) and `seq` and `v` at the end, it is the message's
+    entry bytes, and the seal hashes it without reading it back (agent.seal). Only this module makes one."""
+
+    agent_end: int
 
 
 def identity_fields(agent: str, enterprise: str) -> str:
@@ -42,9 +55,11 @@ def _value_json(info: PointInfo, value: Any) -> str:
 
 
 def data_body(identity: str, points: list[PointInfo], batches: list[ReadingBatch]) -> tuple[bytes, int]:
-    """The stored body of one `data` message and the number of readings in it."""
+    """The stored body of one `data` message and the number of readings in it: a SealReady unless a value is an
+    integer beyond ±(2^53-1), which RFC 8785 writes otherwise than JSON does."""
     parts: list[str] = []
     append = parts.append
+    ready = True
     for batch in batches:
         stamps = [str(t) for t in batch.stamps] if batch.stamps is not None else None
         ts = str(batch.ts)
@@ -61,14 +76,32 @@ def data_body(identity: str, points: list[PointInfo], batches: list[ReadingBatch
                 text = "false"
             elif type(value) is float:
                 text = info.json_float % value
+                if "e" in text or text == "-0":  # the same double as RFC 8785 writes it (1.5e+07: 15000000)
+                    text = format_number(float(text))
             else:
                 text = _value_json(info, value)
-            tail = _QUALITY_TAIL[quality]
+                ready = ready and type(value) is int and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
+            mid = _QUALITY_MID[quality]
             if reasons is not None and quality:
-                tail = _REASON_TAIL.get((quality, reasons[n]), tail)
-            append(f"{info.json_head}{ts},\"value\":{text}{tail}")
-    body = identity + '"readings":[' + ",".join(parts) + "]}"
-    return body.encode(), len(parts)
+                mid = _REASON_MID.get((quality, reasons[n]), mid)
+            append(f"{info.json_head}{mid}{ts},\"value\":{text}}}")
+    body = (identity + '"readings":[' + ",".join(parts) + "]}").encode()
+    agent_end = _agent_end(identity)
+    if not ready or not parts or agent_end < 0:
+        return body, len(parts)
+    sealable = SealReady(body)
+    sealable.agent_end = agent_end
+    return sealable, len(parts)
+
+
+_IDENTITY = re.compile(r'"agent":"[^"\\]*"(?=,"enterprise":"[^"\\]*",\Z)')
+
+
+@functools.lru_cache(maxsize=16)
+def _agent_end(identity: str) -> int:
+    """Where the agent's member of an identity_fields text ends; -1 for a text of another form."""
+    match = _IDENTITY.match(identity)
+    return match.end() if match else -1
 
 
 class DataEncoder:

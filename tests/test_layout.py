@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
      "agent.trust"),  # keys and signatures: the configuration validates keys, control checks signed commands
     ("agent.drivers",),
     ("agent.config",),  # the whole configuration: it gathers the drivers' channel models
-    ("agent.rules", "agent.messages", "agent.compact"),
+    ("agent.rules", "agent.messages", "agent.compact", "agent.seal"),
     ("agent.store",),
     ("agent.pipeline", "agent.uplink"),
     ("agent.control",),

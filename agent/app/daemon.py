@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.app.agent_key import load_sealer
 from agent.app.health import Reports
 from agent.app.live_config import LiveConfig
 from agent.app.stall import LoopWatch
@@ -126,6 +127,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
+        self.store.sealer = load_sealer(self.config.store.path.parent)  # the store's folder: push cannot move it
         with self.store:
             live = LiveConfig(self, self.bootstrap)
             cfg = self.config = await live.choose(self.config)

@@ -89,7 +89,16 @@ class Reports:
             "online": self.pipeline.judge.online_rates(),
             "disk_free_mb": None if disk_free is None else round(disk_free, 1),
             **({"config": self.config_info()} if self.config_info is not None else {}),
+            "chain": self.chain(),
         }
+
+    def chain(self) -> dict[str, Any]:
+        """Whether the stored messages are signed (with which key, or why not) and the chain's last seq."""
+        sealer, head = self.store.sealer, self.store.chain_head()
+        out: dict[str, Any] = {"signed": sealer.key is not None, "kid": sealer.kid, "head": head.seq if head else None}
+        if sealer.unsigned_reason is not None:
+            out["unsigned_reason"] = sealer.unsigned_reason
+        return out
 
     def status(self) -> dict[str, Any]:
         """What `status` answers, to the platform and to the local CLI."""

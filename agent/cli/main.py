@@ -224,10 +224,12 @@ def _add_probe() -> None:
 
 
 _add_probe()
-# the field engineer's commands register themselves on `main` (points, channels, buffer, doctor, support-bundle)
+# the field engineer's commands register themselves on `main` (points, channels, buffer, doctor, support-bundle,
+# verify)
 import agent.cli.doctor  # noqa: E402
 import agent.cli.field  # noqa: E402
-import agent.cli.support  # noqa: E402, F401
+import agent.cli.support  # noqa: E402
+import agent.cli.verify  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

@@ -32,7 +32,7 @@ class PointInfo:
     limits: Limits | None
     comm_loss: float
     is_bool: bool
-    # point ids as JSON text, prefixed, so a reading is encoded without re-escaping the id
+    # point ids as JSON text, prefixed, so a reading is encoded without re-escaping the id (members in RFC 8785 order)
     json_head: str = ""
     json_float: str = "%.12g"
 
@@ -93,7 +93,7 @@ class PointTable:
             comm_loss=point.comm_loss if point.comm_loss is not None else device.comm_loss,
             is_bool=ptype == "bool",
         )
-        info.json_head = '{"point":' + orjson.dumps(point.id).decode() + ',"ts":'
+        info.json_head = '{"point":' + orjson.dumps(point.id).decode() + ',"quality":'
         # a float32 carries about 7 significant digits; printing more shows only conversion noise
         info.json_float = "%.7g" if ptype == "float32" else "%.12g"
         return info
@@ -103,7 +103,7 @@ class PointTable:
         info = PointInfo(index=len(self.points), id=point_id, unit=unit, domain=domain, channel="derived",
                          device=device, scale=1.0, offset=0.0, lo=-math.inf, hi=math.inf, limits=None,
                          comm_loss=3600.0, is_bool=False)
-        info.json_head = '{"point":' + orjson.dumps(point_id).decode() + ',"ts":'
+        info.json_head = '{"point":' + orjson.dumps(point_id).decode() + ',"quality":'
         self.points.append(info)
         self.by_id[point_id] = info
         return info

@@ -19,7 +19,7 @@ from agent.compact import PREFIX, body_map_id
 from agent.messages import read_body, read_readings
 from agent.store.chunks import ChunkError, Row, Sample, decode_chunk
 from agent.store.maps import PointMaps
-from agent.store.outbox import ENC_ZLIB
+from agent.store.outbox import ENC_ZLIB, EXPIRED_UPTO
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +176,14 @@ class Archive(PointMaps):
                 readings = sum(r[3] for r in rows)
                 self.expired_chunks = len(rows)
             self.add_meta("archive_readings", -int(readings))
+            last = self.db.execute("SELECT max(seq) FROM outbox WHERE ((kind IN (0, 2) AND acked = 1) OR acked = 2) "
+                                   "AND created < ?", (before,)).fetchone()[0]
             events = self.db.execute(
                 "DELETE FROM outbox WHERE kind IN (0, 2) AND acked = 1 AND created < ?", (before,)
             ).rowcount
             self.db.execute("DELETE FROM outbox WHERE acked = 2 AND created < ?", (before,))
+            if last is not None:  # `edge-agent verify` tells a message the store let go from one deleted by hand
+                self.set_meta(EXPIRED_UPTO, max(int(self.meta(EXPIRED_UPTO, 0) or 0), int(last)))
         return int(readings), int(events)
 
     def archive_stats(self) -> tuple[int, int | None]:

@@ -2,8 +2,10 @@
 published, and leaves only after the broker acknowledged it (and, for data, once its readings are archived;
 alarm events stay as the local alarm record until their retention ends).
 
-Data bodies are kept zlib-compressed; a body that cannot be decoded is set aside (never sent, counted), so it
-blocks nothing. The outbox never talks to the network.
+Each message is sealed as it is stored, in the same transaction (agent.seal): it names the message stored before
+it in a hash chain, whose head is kept in meta (`chain_head`), and is signed when the agent has a key; the seal is
+part of the stored body, so every send of it is the same. Data bodies are kept zlib-compressed; a body that cannot
+be decoded is set aside (never sent, counted), so it blocks nothing. The outbox never talks to the network.
 """
 
 from __future__ import annotations
@@ -15,12 +17,21 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from agent.core import KIND_ALARM, KIND_NAMES
+from agent.seal import Sealer
 from agent.store.db import Database
+from agent.trust.canonical import NotCanonical
+from agent.trust.chain import Head
 
 log = logging.getLogger(__name__)
 
 ENC_RAW = 0
 ENC_ZLIB = 1
+CHAIN_HEAD = "chain_head"
+"""The meta key of the chain's head: `seq topic hash` of the last message sealed (agent.trust.chain.Head)."""
+EVICTED_UPTO = "evicted_upto"
+"""The meta key of the highest seq of data the store evicted to stay within its disk bounds."""
+EXPIRED_UPTO = "expired_upto"
+"""The meta key of the highest seq of a message the store deleted when its retention ended."""
 
 
 class Row(NamedTuple):
@@ -40,21 +51,48 @@ class BacklogStats(NamedTuple):
 class Outbox(Database):
     """Messages waiting for the broker, in seq order."""
 
+    sealer: Sealer = Sealer(unsigned_reason="no key given to the store")
+
     def append(self, kind: int, count: int, body: bytes, created: int | None = None) -> int:
-        """Write one message and return its seq; durable once the enclosing transaction commits."""
+        """Seal one message, write it and return its seq; durable once the enclosing transaction commits."""
         created = created if created is not None else int(time.time() * 1000)
-        enc = ENC_RAW
-        if kind != KIND_ALARM:  # readings and daily reports are large and compress well
-            body, enc = zlib.compress(body, 1), ENC_ZLIB
-        cur = self.db.execute(
-            "INSERT INTO outbox (kind, created, count, enc, body) VALUES (?, ?, ?, ?, ?)",
-            (kind, created, count, enc, body),
-        )
-        seq = cur.lastrowid
-        assert seq is not None
+        with self.transaction():  # the seq, the seal and the chain's new head are one change
+            seq = self._next_seq()
+            body = self._seal(kind, seq, body)
+            enc = ENC_RAW
+            if kind != KIND_ALARM:  # readings and daily reports are large and compress well
+                body, enc = zlib.compress(body, 1), ENC_ZLIB
+            self.db.execute(
+                "INSERT INTO outbox (seq, kind, created, count, enc, body) VALUES (?, ?, ?, ?, ?, ?)",
+                (seq, kind, created, count, enc, body),
+            )
         self._issued = max(self._issued, seq)
         self._reserve_seq(seq)
         return seq
+
+    def _next_seq(self) -> int:
+        """The seq AUTOINCREMENT would give: above every seq ever given (sqlite_sequence) and every row there is."""
+        row = self.db.execute("SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0), "
+                              "coalesce((SELECT max(seq) FROM outbox), 0))").fetchone()
+        return max(int(row[0]), self._issued) + 1
+
+    def chain_head(self) -> Head | None:
+        """The last message sealed, which the next one names; None when the store holds no chain yet."""
+        return Head.parse(self.meta(CHAIN_HEAD))
+
+    def _seal(self, kind: int, seq: int, body: bytes) -> bytes:
+        topic = KIND_NAMES.get(kind, "data")
+        previous = self.chain_head()
+        start = "recovered" if self.recovered is not None else "new"
+        try:
+            sealed, head = self.sealer.seal(topic, seq, body, previous, start)
+        except (ValueError, NotCanonical) as exc:  # a body this agent wrote and cannot read back: a bug, shown
+            log.error("store: message seq %d (%s) cannot be sealed and is stored unchained: %s", seq, topic, exc)
+            return body
+        if previous is None:
+            log.info("store: a chain of messages starts at seq %d (%s store)", seq, start)
+        self.set_meta(CHAIN_HEAD, head.text())
+        return sealed
 
     def ack(self, seqs: Iterable[int]) -> int:
         """Mark acknowledged messages; they stop being sent and go when archived (data) or expired (alarms)."""
@@ -121,6 +159,8 @@ class Outbox(Database):
                 "SELECT seq, count, acked FROM outbox WHERE kind = 1 ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
             self.db.executemany("DELETE FROM outbox WHERE seq = ?", [(r[0],) for r in rows])
+            if rows:  # `edge-agent verify` tells a message the store let go from one deleted by hand
+                self.set_meta(EVICTED_UPTO, max(int(self.meta(EVICTED_UPTO, 0) or 0), max(r[0] for r in rows)))
         undelivered = sum(r[1] for r in rows if not r[2])
         return undelivered, sum(r[1] for r in rows) - undelivered
 

@@ -27,12 +27,19 @@ class NotCanonical(ValueError):
     """A value outside the signable subset of JSON; the text starts with its path (`readings[0].value: ...`)."""
 
 
-def canonical_bytes(message: Mapping[str, Any]) -> bytes:
-    """The RFC 8785 bytes of `message` without its top-level `sig` member; NotCanonical for anything else."""
+def canonical_bytes(message: Mapping[str, Any], *, leave_out: frozenset[str] = frozenset(),
+                    exact_integers: bool = True) -> bytes:
+    """The RFC 8785 bytes of `message` without its top-level `sig` member (and the top-level members named in
+    `leave_out`); NotCanonical for anything else.
+
+    `exact_integers=False` writes an integer beyond ±(2^53-1) as RFC 8785 itself does, as the double nearest to it,
+    where the default refuses it: the hash chain over the agent's own messages must take every value a 64-bit
+    integer point can have (docs/protocol.md, Hash chain)."""
     if not isinstance(message, Mapping):
         raise NotCanonical(f"(top level): a signed message is a JSON object, not {_kind(message)}")
     try:
-        prepared = _prepare({key: value for key, value in message.items() if key != SIG}, 1)
+        members = {key: value for key, value in message.items() if key != SIG and key not in leave_out}
+        prepared = _prepare(members, 1, exact_integers)
     except _Refused as exc:
         raise NotCanonical(f"{exc.where()}: {exc}") from None
     try:
@@ -101,7 +108,7 @@ class _Refused(Exception):
         return _render_path(reversed(self.path))
 
 
-def _prepare(value: Any, depth: int) -> Any:
+def _prepare(value: Any, depth: int, exact_integers: bool = True) -> Any:
     """`value` checked and made ready for orjson: members in RFC 8785 order, numbers as their canonical text.
     Runs over every value of a message, so a path is built only for an error."""
     if isinstance(value, str) or value is None or isinstance(value, bool):
@@ -109,6 +116,11 @@ def _prepare(value: Any, depth: int) -> Any:
     if isinstance(value, int):
         if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
             return value
+        if not exact_integers:
+            try:
+                return orjson.Fragment(format_number(float(value)).encode("ascii"))
+            except OverflowError:
+                raise _Refused("integer beyond the range of a double") from None
         raise _Refused("integer beyond ±(2^53-1), not exact in every JSON reader: send it as a string")
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -122,7 +134,7 @@ def _prepare(value: Any, depth: int) -> Any:
         items = []
         for i, item in enumerate(value):
             try:
-                items.append(_prepare(item, depth + 1))
+                items.append(_prepare(item, depth + 1, exact_integers))
             except _Refused as exc:
                 exc.path.append(i)
                 raise
@@ -137,7 +149,7 @@ def _prepare(value: Any, depth: int) -> Any:
     out: dict[str, Any] = {}
     for key in names:
         try:
-            out[key] = _prepare(value[key], depth + 1)
+            out[key] = _prepare(value[key], depth + 1, exact_integers)
         except _Refused as exc:
             exc.path.append(key)
             raise

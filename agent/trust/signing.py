@@ -72,7 +72,7 @@ def verify(message: object, keys: Mapping[str, Ed25519PublicKey]) -> str:
     if SIG not in message:
         raise SignatureRefused("unsigned", "sig: missing: the message is not signed")
     sig = message[SIG]
-    kid, value = _read_sig(sig)
+    kid, value = read_sig(sig)
     key = keys.get(kid)
     if key is None:
         known = ", ".join(sorted(keys)[:4]) or "none configured"
@@ -101,7 +101,8 @@ def verify_payload(payload: bytes, keys: Mapping[str, Ed25519PublicKey]) -> dict
     return message
 
 
-def _read_sig(sig: object) -> tuple[str, bytes]:
+def read_sig(sig: object) -> tuple[str, bytes]:
+    """The key id and the 64 signature bytes of a `sig` member; SignatureRefused ("malformed") naming the field."""
     if not isinstance(sig, Mapping):
         raise SignatureRefused("malformed", "sig: must be an object with alg, kid and value")
     for name in sig:

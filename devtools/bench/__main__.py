@@ -5,6 +5,7 @@ stall, the delivery lag and the bytes on the wire per reading.
     python -m bench [--points 10000] [--interval 1] [--duration 30] [--repeat 3] [--json]
     python -m bench --devices 200 --points-per-device 1000   # one TCP connection per device
     python -m bench --config-push [--points 10000]             # a signed configuration push, applied live
+    python -m bench --unsigned   # the agent without its key: stored messages chained, not signed
 
 The plant simulator runs in this process (it must know when it crosses a limit); a subscriber here counts
 what the broker delivers. Alarm latency: the simulator sets a point above its high limit → the `raised`
@@ -204,6 +205,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     plant = PlantSimulator(config, ports={c.id: 0 for c in config.channels})
     await plant.start()
     store_path = workdir / "store.db"
+    if not args.unsigned:  # as installed: the agent's key beside its store, so every stored message is signed
+        from agent.trust.keys import create_key_file
+
+        create_key_file(workdir)
     data = synthetic_data(args.points, interval=args.interval, port=1, uplink_port=broker.port,
                           store=str(store_path), **shape)
     data["uplink"].update({"prefix": PREFIX, "reconnect_min": 0.2, "reconnect_max": 1, "health_interval": 5,
@@ -306,7 +311,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "startup_s": round(sub.first_live - started, 2) if sub.first_live is not None else float("nan"),
     }
     if not args.json:
-        print(f"points {args.points} at {args.interval:g}s ({args.wire} `data`), "
+        print(f"points {args.points} at {args.interval:g}s ({args.wire} `data`, "
+              f"{'chained, unsigned' if args.unsigned else 'chained and signed'}), "
               f"measured over {elapsed:.1f}s after {args.warmup:g}s warm-up")
         print(f"delivered           {result['readings_per_s']:>10,.1f} readings/s")
         print(f"agent CPU           {result['cpu_us_per_reading']:>10.2f} µs per reading "
@@ -470,6 +476,8 @@ def main() -> None:
     parser.add_argument("--wire", choices=("compact", "compressed", "json"), default="compact",
                         help="the agent's `data` encoding: compact (contract version 2, the default here), compact "
                         "and compressed, or json (version 1, the agent's own default)")
+    parser.add_argument("--unsigned", action="store_true",
+                        help="run the agent without its key: messages chained, not signed (default: signed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--config-push", action="store_true",
                         help="measure a signed configuration push instead: time to its config/result, the longest "

@@ -32,6 +32,7 @@ from agent.config.loader import load_config
 from agent.config.models import AgentConfig
 from agent.errors import ConfigError
 from agent.store import Store
+from agent.trust.keys import create_key_file, public_key_text
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "demo.yaml"
@@ -336,7 +337,11 @@ async def _demo(duration: float | None, broker_arg: str | None, config_path: Pat
 
         units = {p.id: p.unit for _, _, p in site.points()}
         screen = _Screen(console, units)
-        platform = PlatformSimulator(broker.host, broker.port, prefix, on_message=screen.on_message)
+        # the agent's key, as install.sh makes it, registered with the platform, which verifies every message
+        _, key = create_key_file(workdir)
+        platform = PlatformSimulator(broker.host, broker.port, prefix, on_message=screen.on_message,
+                                     agent_keys={f"{site.agent.enterprise}/{site.agent.id}":
+                                                 public_key_text(key.public_key())})
         try:
             await asyncio.to_thread(platform.start)
         except PlatformSimulatorError as exc:
@@ -387,6 +392,7 @@ _COUNTS = (
     ("still_in_store", "still in the agent's store"),
     ("lost", "seq gaps (lost)"),
     ("schema_errors", "schema errors"),
+    ("chain_breaks", "breaks in the agent's signed chain"),
 )
 LOST_SEQ_LISTED = 100
 
@@ -427,6 +433,8 @@ def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | Non
         "still_in_store": len(stored),
         "lost": len(lost),
         "schema_errors": len(schema_errors),
+        # a link to a message still in the agent's store is no break: it is on its way
+        "chain_breaks": sum(1 for f in report.chain_breaks if not (f.kind == "missing" and f.seq in stored)),
     }
     driver_of = {p.id: ch.driver for ch, _, p in site.points()}
     valid_readings = dict.fromkeys(sorted({ch.driver for ch in site.channels}), 0)
@@ -456,6 +464,8 @@ def _summary(console: Console, platform: Any, workdir: Path, agent_rc: int | Non
         problems.append(f"no valid reading via {', '.join(silent)}")
     if schema_errors:
         problems.append(f"schema errors, e.g. {schema_errors[0]}")
+    if counts["chain_breaks"]:
+        problems.append(f"the agent's chain is broken, e.g. {report.chain_breaks[0].text}")
 
     table = Table(title="demo summary")
     table.add_column("what")

@@ -5,6 +5,10 @@ with the point maps it keeps from `map/+`; either becomes the same readings.
 
 It publishes only when a test asks it to: a command (`command`) or a signed configuration push (`push_config`,
 with a key pair of its own), whose results it keeps.
+
+Given the agents' public keys (`agent_keys`, as a platform registers them), it verifies every `data`, `alarm` and
+`quality` message as docs/protocol.md asks: its signature, and its place in the agent's hash chain, whatever the
+order of arrival; a message whose own seal fails is not kept, and every break is in the report.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -33,6 +37,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.trust.canonical import NotCanonical, loads_strict
+from agent.trust.chain import TOPICS, ChainVerifier, Finding
+from agent.trust.keys import TrustedKeys
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +98,27 @@ class AgentReport:
     missing: int
     duplicates: int
     hist_messages: int
+    chain: ChainReport | None = None
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """What the verification of one agent's chain found (docs/protocol.md, Tamper-evident messages).
+
+    `verified`: messages whose own seal held and that joined the chain; `kids`: the keys they were signed with
+    (empty when the agent's key is not registered: then only the chain is checked); `restarts`: (seq, reason) of
+    each declared start of a chain; `breaks`: what failed (a signature, a link, a second content for a seq, a
+    fork), `missing`: predecessors named but never received (on their way, dropped or evicted)."""
+
+    verified: int
+    kids: frozenset[str]
+    restarts: list[tuple[int, str]]
+    breaks: list[Finding]
+    missing: list[Finding]
+
+    @property
+    def intact(self) -> bool:
+        return not self.breaks and not self.missing
 
 
 @dataclass(frozen=True)
@@ -111,6 +140,11 @@ class PlatformReport:
     def has_gaps(self) -> bool:
         return any(r.missing for r in self.agents.values())
 
+    @property
+    def chain_breaks(self) -> list[Finding]:
+        """Every break and missing link found in the agents' chains (empty when none was verified)."""
+        return [f for r in self.agents.values() if r.chain is not None for f in (*r.chain.breaks, *r.chain.missing)]
+
     def summary(self) -> str:
         """A few human-readable lines, one per agent, then the rejected-message count."""
         lines = []
@@ -124,10 +158,20 @@ class PlatformReport:
                 f"{r.hist_messages} hist, {r.duplicates} duplicates, {r.missing} missing{gaps}), "
                 f"{r.readings} readings, alarms {r.alarms_raised} raised / {r.alarms_cleared} cleared"
             )
+            if r.chain is not None:
+                lines.append(_chain_line(r.chain))
         if not self.agents:
             lines.append("no data or alarm messages received")
         lines.append(f"{len(self.schema_errors)} rejected messages")
         return "\n".join(lines)
+
+
+def _chain_line(chain: ChainReport) -> str:
+    signed = f"signed by {', '.join(sorted(chain.kids))}" if chain.kids else "not signature-checked"
+    found = [f"seq {f.seq}: {f.kind}" for f in (*chain.breaks, *chain.missing)]
+    shown = "; ".join(found[:5]) + ("; …" if len(found) > 5 else "")
+    return (f"  chain: {chain.verified} verified, {signed}, {len(chain.restarts)} start(s), "
+            f"{len(chain.breaks)} break(s), {len(chain.missing)} missing" + (f" [{shown}]" if found else ""))
 
 
 @dataclass
@@ -173,7 +217,7 @@ class _FastDataCheck:
         return True
 
     def __call__(self, msg: dict[str, Any]) -> bool:
-        if msg.keys() != _DATA_KEYS:
+        if msg.keys() != _DATA_KEYS and not (msg.keys() - _SEAL_KEYS == _DATA_KEYS and _seal_ok(msg)):
             return False
         v, seq, readings = msg["v"], msg["seq"], msg["readings"]
         if type(v) is not int or v != 1 or type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
@@ -204,6 +248,37 @@ class _FastDataCheck:
             elif type(value) not in _NUMBER_OR_BOOL:
                 return False
         return True
+
+
+_SEAL_KEYS = frozenset({"chain", "sig"})
+_LINK_KEYS = frozenset({"prev_seq", "prev_topic", "prev_hash"})
+_HASH_TEXT = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+_KID_TEXT = re.compile(r"[0-9a-f]{16}")
+_SIGNATURE_TEXT = re.compile(r"[A-Za-z0-9_-]{85}[AQgw]")
+
+
+def _seal_ok(msg: dict[str, Any]) -> bool:
+    """Whether the `chain` and `sig` members a message may carry are what their schemas accept (or stricter)."""
+    chain, sig = msg.get("chain"), msg.get("sig")
+    if chain is not None:
+        if type(chain) is not dict:
+            return False
+        if chain.keys() == {"start"}:
+            if chain["start"] not in ("new", "recovered"):
+                return False
+        elif chain.keys() != _LINK_KEYS or type(chain["prev_seq"]) is not int \
+                or not 0 <= chain["prev_seq"] <= _MAX_SEQ or chain["prev_topic"] not in ("alarm", "data", "quality") \
+                or type(chain["prev_hash"]) is not str or not _HASH_TEXT.fullmatch(chain["prev_hash"]):
+            return False
+    elif "chain" in msg:
+        return False
+    if "sig" in msg:
+        if type(sig) is not dict or sig.keys() != {"alg", "kid", "value"} or sig["alg"] != "ed25519":
+            return False
+        if type(sig["kid"]) is not str or type(sig["value"]) is not str:
+            return False
+        return bool(_KID_TEXT.fullmatch(sig["kid"]) and _SIGNATURE_TEXT.fullmatch(sig["value"]))
+    return True
 
 
 def load_validators(schema_dir: Path = SCHEMA_DIR) -> dict[str, jsonschema.protocols.Validator]:
@@ -374,6 +449,8 @@ class PlatformSimulator:
         validate: bool = True,
         on_message: MessageHook | None = None,
         schema_dir: Path = SCHEMA_DIR,
+        agent_keys: Mapping[str, str | Sequence[str]] | None = None,
+        verify_chains: bool | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -404,6 +481,12 @@ class PlatformSimulator:
         self._received = 0
         self._maps: dict[tuple[str, str, str], list[list[str]]] = {}  # (enterprise, agent, map id) -> devices
         self._parked: dict[tuple[str, str, str], list[tuple[str, dict[str, Any], str]]] = {}
+        # the agents' registered public keys, by "enterprise/agent"; their chains are verified, and any agent's
+        # chain with verify_chains (without a registered key only the chain, not the signatures)
+        self._agent_keys = {name: TrustedKeys.from_texts([texts] if isinstance(texts, str) else texts)
+                            for name, texts in (agent_keys or {}).items()}
+        self.verify_chains = bool(agent_keys) if verify_chains is None else verify_chains
+        self._chains: dict[tuple[str, str], ChainVerifier] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -608,7 +691,28 @@ class PlatformSimulator:
         if kind == "alarm" and msg.get("id") != f"{msg.get('point')}/{msg.get('type')}":
             self._reject(f"{where}: alarm id {msg.get('id')!r} is not point/type")
             return
+        if self.verify_chains and kind in TOPICS and not self._verify(enterprise, agent, kind, payload, where):
+            return
         self._accept(topic, enterprise, agent, kind, msg, where)
+
+    def _verify(self, enterprise: str, agent: str, kind: str, payload: bytes | bytearray, where: str) -> bool:
+        """Check a message's seal and its links in its agent's chain; False when it must not be kept (its own seal
+        fails). Parsed again, strictly: a member given twice must not show the chain one message, the platform
+        another."""
+        key = (enterprise, agent)
+        with self._lock:
+            verifier = self._chains.get(key)
+            if verifier is None:
+                verifier = self._chains[key] = ChainVerifier(self._agent_keys.get(f"{enterprise}/{agent}"))
+        try:
+            message: object = loads_strict(_inflated(payload) if kind == "data" else bytes(payload))
+        except (NotCanonical, ValueError) as exc:
+            message = {"seq": None, "unreadable": str(exc)}
+        with self._lock:
+            found = verifier.add(message, kind)
+        for finding in found:
+            log.warning("%s: chain break (%s): %s", where, finding.kind, finding.text)
+        return not any(f.kind not in _LINK_BREAKS for f in found)
 
     def _accept(self, topic: str, enterprise: str, agent: str, kind: str, msg: dict[str, Any], where: str) -> None:
         """Keep a checked message; a compact one is decoded with its map first, or waits for the map."""
@@ -884,6 +988,8 @@ class PlatformSimulator:
             states = {key: (set(s.seqs), replace(s, seqs=set())) for key, s in self._agents.items()}
             errors = list(self._errors)
         agents: dict[tuple[str, str], AgentReport] = {}
+        with self._lock:
+            chains = {key: _chain_report(v) for key, v in self._chains.items()}
         for (enterprise, agent), (seq_set, s) in states.items():
             seqs = sorted(seq_set)
             gaps, missing = _gaps(seqs)
@@ -900,6 +1006,7 @@ class PlatformSimulator:
                 missing=missing,
                 duplicates=s.duplicates,
                 hist_messages=s.hist_messages,
+                chain=chains.get((enterprise, agent)),
             )
         return PlatformReport(agents=agents, schema_errors=errors)
 
@@ -913,6 +1020,28 @@ class PlatformSimulator:
                 return False
             time.sleep(interval)
         return True
+
+
+_LINK_BREAKS = frozenset({"broken_link", "fork", "missing"})  # about a pair of messages: both are kept, reported
+
+
+def _chain_report(verifier: ChainVerifier) -> ChainReport:
+    return ChainReport(verified=verifier.verified, kids=frozenset(verifier.kids), restarts=list(verifier.restarts),
+                       breaks=list(verifier.breaks), missing=verifier.missing())
+
+
+def _inflated(payload: bytes | bytearray) -> bytes:
+    """A `data` payload's JSON bytes, inflated when compressed (ValueError beyond MAX_PAYLOAD or when damaged)."""
+    if payload[:1] == b"{":
+        return bytes(payload)
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(payload, MAX_PAYLOAD)
+    except zlib.error as exc:
+        raise ValueError(f"not zlib-compressed: {exc}") from None
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError("a compressed payload that is cut short or inflates beyond 64 MiB")
+    return text
 
 
 def _gaps(seqs: Sequence[int]) -> tuple[list[int], int]:
@@ -987,13 +1116,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulators.platform",
         description="Listen as the county platform: print every uplink message, then a delivery summary. "
-        "Exits 1 when seq numbers are missing.",
+        "Exits 1 when seq numbers are missing, or a verified chain is broken.",
     )
     parser.add_argument("--broker", required=True, metavar="HOST:PORT", help="broker, e.g. 127.0.0.1:1883")
     parser.add_argument("--prefix", required=True, help="topic prefix (the agent's uplink.prefix)")
     parser.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
     parser.add_argument("--no-validate", action="store_true", help="skip the schema checks")
+    parser.add_argument("--agent-key", action="append", default=[], metavar="ENTERPRISE/AGENT=KEY",
+                        help="an agent's public key (edge-agent keys show): verify its signatures and chain "
+                        "(repeatable; exits 1 on a break)")
+    parser.add_argument("--verify-chains", action="store_true", help="verify every agent's chain, signed or not")
     args = parser.parse_args(argv)
+    agent_keys: dict[str, list[str]] = {}
+    for item in args.agent_key:
+        name, _, key = item.partition("=")
+        if name.count("/") != 1 or not key:
+            parser.error(f"--agent-key must be ENTERPRISE/AGENT=KEY, not {item!r}")
+        agent_keys.setdefault(name, []).append(key)
     host, _, port_text = args.broker.rpartition(":")
     if not host or not port_text.isdigit():
         parser.error(f"--broker must be HOST:PORT, not {args.broker!r}")
@@ -1001,9 +1140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def show(topic: str, msg: dict[str, Any]) -> None:
         print(format_message(topic, msg), flush=True)
 
-    simulator = PlatformSimulator(
-        host, int(port_text), args.prefix, validate=not args.no_validate, on_message=show
-    )
+    try:
+        simulator = PlatformSimulator(host, int(port_text), args.prefix, validate=not args.no_validate,
+                                      on_message=show, agent_keys=agent_keys,
+                                      verify_chains=True if args.verify_chains else None)
+    except ValueError as exc:
+        parser.error(f"--agent-key: {exc}")
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -1033,7 +1175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"REJECTED {error}")
     print("--- summary")
     print(report.summary())
-    return 1 if report.has_gaps else 0
+    return 1 if report.has_gaps or report.chain_breaks else 0
 
 
 if __name__ == "__main__":
