@@ -18,7 +18,7 @@ import orjson
 from agent.compact import PREFIX, TS_MAX, TS_MIN, CompactEncoder, MapLookup, read_compact
 from agent.config.points import PointInfo, PointTable
 from agent.core import GOOD, QUALITY_CODES, QUALITY_NAMES, REASONS, AlarmEvent, ReadingBatch
-from agent.trust.canonical import MAX_SAFE_INTEGER, format_number
+from agent.trust.canonical import MAX_SAFE_INTEGER
 
 ENCODINGS = ("json", "compact")
 # a reading's members are written in RFC 8785 order (point, quality, reason, ts, value), so the seal can hash the
@@ -55,8 +55,9 @@ def _value_json(info: PointInfo, value: Any) -> str:
 
 
 def data_body(identity: str, points: list[PointInfo], batches: list[ReadingBatch]) -> tuple[bytes, int]:
-    """The stored body of one `data` message and the number of readings in it: a SealReady unless a value is an
-    integer beyond ±(2^53-1), which RFC 8785 writes otherwise than JSON does."""
+    """The stored body of one `data` message and the number of readings in it: a SealReady unless a value is
+    written otherwise than RFC 8785 writes it (a float printed with an exponent or as -0, an integer beyond
+    ±(2^53-1)): then the seal reads it back."""
     parts: list[str] = []
     append = parts.append
     ready = True
@@ -76,8 +77,8 @@ def data_body(identity: str, points: list[PointInfo], batches: list[ReadingBatch
                 text = "false"
             elif type(value) is float:
                 text = info.json_float % value
-                if "e" in text or text == "-0":  # the same double as RFC 8785 writes it (1.5e+07: 15000000)
-                    text = format_number(float(text))
+                if "e" in text or text == "-0":  # RFC 8785 writes these otherwise (1.5e+07: 15000000; -0: 0)
+                    ready = False
             else:
                 text = _value_json(info, value)
                 ready = ready and type(value) is int and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER

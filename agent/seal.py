@@ -4,12 +4,12 @@ every replay carry the same `chain` and `sig`.
 
 The entry bytes are RFC 8785, and the generic encoder costs about 4 µs a reading, more than the whole data path may
 add; so a `data` body takes one of two fast roads. A version 1 body that agent.messages wrote in RFC 8785 form
-already (a SealReady: members in order, numbers as ECMAScript writes them) is hashed as it is, with `chain`, `seq`
-and `v` put in their places. Any other `data` body is read back and written by orjson with sorted members, which is
-RFC 8785 except for some numbers (`12.0`, `1e+16`, `1e-6`, integers beyond 2^53): only those are rewritten.
-Anything the fast roads are not sure of (and alarm events and daily reports, a few a day) goes the generic way.
-All give the same bytes (tests/test_fuzz_chain.py proves it for every body the encoders write and for any values).
-This module never touches the store.
+already (a SealReady: members in order, every number as ECMAScript writes it, which is the rule) is hashed as it
+is, with `chain`, `seq` and `v` put in their places. Any other `data` body is read back and written by orjson with
+sorted members, which is RFC 8785 except for some numbers (`12.0`, `1e+16`, `1e-6`, integers beyond 2^53): only
+those are rewritten. Anything the fast roads are not sure of (and alarm events and daily reports, a few a day)
+goes the generic way. All give the same bytes (tests/test_fuzz_chain.py proves it for every body the encoders
+write and for any values). This module never touches the store.
 """
 
 from __future__ import annotations
