@@ -22,6 +22,7 @@ import orjson
 
 from agent.errors import AgentError
 from agent.trust.canonical import NotCanonical, canonical_bytes
+from agent.trust.keys import sync_directory
 
 FOLDER = "config-revisions"
 """Where, in the state folder, the revisions are kept."""
@@ -122,7 +123,7 @@ class RevisionFiles:
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        _sync_directory(self.folder)
+        sync_directory(self.folder)
         return path
 
     def load(self, revision: int) -> Revision:
@@ -165,19 +166,5 @@ class RevisionFiles:
             with contextlib.suppress(OSError):
                 self.path(n).unlink()
         if removed:
-            _sync_directory(self.folder)
+            sync_directory(self.folder)
         return removed
-
-
-def _sync_directory(directory: Path) -> None:
-    """A rename survives a power cut only once its folder is synced."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -162,7 +162,7 @@ def create_key_file(directory: Path, *, force: bool = False) -> tuple[Path, Ed25
             os.replace(tmp, path)
         else:
             _link_new(tmp, path)
-        _sync_directory(directory)
+        sync_directory(directory)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             raise KeyFileError(f"{path} exists: kept (--force replaces it)") from None
@@ -222,8 +222,8 @@ def _link_new(tmp: Path, path: Path) -> None:
         os.rename(tmp, path)
 
 
-def _sync_directory(directory: Path) -> None:
-    """The new name itself must survive a power loss, not only the file's bytes."""
+def sync_directory(directory: Path) -> None:
+    """A new name in `directory` survives a power loss only once the directory is synced, not only the file."""
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
