@@ -122,6 +122,15 @@ class Subscriber:
         self.client.disconnect()
 
 
+def stop_agent(agent: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as systemd stops it; killed if it is not gone within a minute."""
+    agent.send_signal(signal.SIGTERM)
+    try:
+        agent.wait(60)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+
+
 def channel_sum(report: dict[str, Any], key: str) -> int:
     return sum(int(c.get(key, 0)) for c in report.get("channels", []))
 
@@ -284,11 +293,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             drain_rate = drained / drain_s
         rss = peak_rss_mb(agent.pid)
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(60)
-        except subprocess.TimeoutExpired:
-            agent.kill()
+        stop_agent(agent)
         sub.stop()
         await plant.stop()
         broker.stop()
@@ -414,11 +419,7 @@ async def config_push(args: argparse.Namespace) -> dict[str, Any]:
                 for t in (sorted(stamps.get(p, [])) for p in unchanged)]
         stalls = [float(h.get("max_loop_stall_ms", 0.0)) for h in platform.health()[health_before:]]
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(60)
-        except subprocess.TimeoutExpired:
-            agent.kill()
+        stop_agent(agent)
         platform.stop()
         await plant.stop()
         broker.stop()
