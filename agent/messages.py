@@ -85,7 +85,7 @@ def data_body(identity: str, points: list[PointInfo], batches: list[ReadingBatch
             mid = _QUALITY_MID[quality]
             if reasons is not None and quality:
                 mid = _REASON_MID.get((quality, reasons[n]), mid)
-            append(f"{info.json_head}{mid}{ts},\"value\":{text}}}")
+            append(f"{info.json_head or PointTable.json_head(info)}{mid}{ts},\"value\":{text}}}")
     body = (identity + '"readings":[' + ",".join(parts) + "]}").encode()
     agent_end = _agent_end(identity)
     if not ready or not parts or agent_end < 0:

@@ -118,6 +118,41 @@ def test_rate_of_rise_over_its_window() -> None:
     assert events[-1] == ("LT-101/rate", "cleared")
 
 
+def test_a_quiet_rate_rule_has_no_object_until_its_rate_goes_beyond() -> None:
+    eng, _ = engine()
+    for t in range(0, 61, 5):
+        feed(eng, t, "LT-101", 5.0)
+    assert eng.rule("LT-101/rate") is None  # kept in the engine's arrays only
+    with pytest.raises(ResetRefused, match="not raised"):  # configured, so not "no alarm"
+        eng.reset("LT-101/rate", 61_000)
+    level = 5.0
+    for t in range(65, 130, 5):
+        level += 0.1
+        feed(eng, t, "LT-101", level)
+    rule = eng.rule("LT-101/rate")
+    assert rule is not None and rule.state == "raised"
+
+
+def test_a_saved_rate_alarm_is_taken_back_and_can_be_reset() -> None:
+    eng, _ = engine()
+    assert eng.load({"LT-101/rate": "latched"}, 0) == []
+    assert eng.active() == ["LT-101/rate"]
+    assert eng.reset("LT-101/rate", 1000).state == "reset"
+    assert eng.active() == []
+
+
+def test_a_bad_reading_restarts_the_trend() -> None:
+    eng, _ = engine()
+    events: list[tuple[str, str]] = []
+    for t in range(0, 31, 5):
+        events += feed(eng, t, "LT-101", 5.0)
+    events += feed(eng, 35, "LT-101", None)
+    for t in range(40, 61, 5):  # 3 m higher after the gap: not a rise over the window, the trend begins again
+        events += feed(eng, t, "LT-101", 8.0)
+    assert events == []
+    assert eng.rule("LT-101/rate") is None
+
+
 def test_rate_event_carries_the_rate_and_its_unit() -> None:
     eng, _ = engine()
     info = eng.table.by_id["LT-101"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -180,6 +181,9 @@ class Agent:
                 watchdog = Watchdog(period, lambda: pipeline.readings_in if polling else int(loop.time()),
                                     stall=max(period, 3 * slowest))
                 others.append(loop.create_task(watchdog.run(), name="watchdog"))
+            # what start built lives as long as the process: a full collection need not walk it again and again
+            gc.collect()
+            gc.freeze()
             sd_notify("READY=1")
             failed = await self._until_stop_or_failure(lambda: [*self.channel_tasks.values(), *field, *others])
             sd_notify("STOPPING=1")

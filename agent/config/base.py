@@ -152,7 +152,7 @@ class Model(BaseModel):
     """Base of every config model: unknown keys are errors, so typos never pass silently; NaN and infinities
     are refused in every float (a limit of NaN never raises, a duration of inf never comes)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
 
 
 class Limits(Model):

@@ -32,7 +32,8 @@ class PointInfo:
     limits: Limits | None
     comm_loss: float
     is_bool: bool
-    # point ids as JSON text, prefixed, so a reading is encoded without re-escaping the id (members in RFC 8785 order)
+    # the point id as JSON text, prefixed, so a reading is encoded without re-escaping the id (members in RFC 8785
+    # order); made by the version 1 encoder when it first needs it (compact messages never do: 80 bytes a point)
     json_head: str = ""
     json_float: str = "%.12g"
 
@@ -93,7 +94,6 @@ class PointTable:
             comm_loss=point.comm_loss if point.comm_loss is not None else device.comm_loss,
             is_bool=ptype == "bool",
         )
-        info.json_head = '{"point":' + orjson.dumps(point.id).decode() + ',"quality":'
         # a float32 carries about 7 significant digits; printing more shows only conversion noise
         info.json_float = "%.7g" if ptype == "float32" else "%.12g"
         return info
@@ -103,10 +103,16 @@ class PointTable:
         info = PointInfo(index=len(self.points), id=point_id, unit=unit, domain=domain, channel="derived",
                          device=device, scale=1.0, offset=0.0, lo=-math.inf, hi=math.inf, limits=None,
                          comm_loss=3600.0, is_bool=False)
-        info.json_head = '{"point":' + orjson.dumps(point_id).decode() + ',"quality":'
         self.points.append(info)
         self.by_id[point_id] = info
         return info
+
+    @staticmethod
+    def json_head(info: PointInfo) -> str:
+        """`info.json_head`, made the first time."""
+        if not info.json_head:
+            info.json_head = '{"point":' + orjson.dumps(info.id).decode() + ',"quality":'
+        return info.json_head
 
     def __len__(self) -> int:
         return len(self.points)

@@ -17,7 +17,7 @@ from agent.config.points import PointInfo, PointTable
 from agent.core import BAD, AlarmEvent, ReadingBatch
 from agent.errors import ResetRefused
 from agent.rules.domain import CommLossRule, CrowdingRule, FaultRule, HaltRule
-from agent.rules.limits import LATCHED, LIMIT_KINDS, NORMAL, RAISED, LimitRule, RateHistory, RateRule, Rule
+from agent.rules.limits import LATCHED, LIMIT_KINDS, NORMAL, RAISED, LimitRule, RateRule, RateTable, Rule
 
 if TYPE_CHECKING:
     from agent.config.models import AgentConfig
@@ -32,7 +32,8 @@ class AlarmEngine:
 
     Limit and communication-loss rules are made only when a point first needs them (a value outside its quiet
     band, a bad reading, a saved state): a point whose value stays between its limits costs one comparison
-    per reading and no rule object. Rules of other kinds (rate, fault, crowding, halt) are made at start.
+    per reading and no rule object; a rate rule keeps its samples in arrays (RateTable) and gets an object when its
+    rate first goes beyond. Rules of other kinds (fault, crowding, halt) are made at start.
     """
 
     def __init__(self, table: PointTable, config: AgentConfig | None = None) -> None:
@@ -45,7 +46,8 @@ class AlarmEngine:
         self._hi = array("d", [-_INF]) * n
         self._limit_rules: dict[int, list[LimitRule]] = {}
         self._other_rules: list[tuple[Rule, ...] | None] = [None] * n  # rate, fault, crowding, halt: fed the value
-        self._rate_history = RateHistory()
+        self._rates = RateTable(n)
+        self._rate_slot = self._rates.slot_of  # replaced by a copy below; -1 once the point's RateRule is made
         self._comm: dict[int, CommLossRule] = {}
         self._bad_since: dict[int, int] = {}
         self._named: dict[str, Rule] = {}  # rules of other kinds by alarm id (a fault rule sits on its status point)
@@ -64,8 +66,9 @@ class AlarmEngine:
                 band = bands[id(limits)] = self._band(info)
             lo[info.index], hi[info.index] = band
             if limits.rate_rise is not None or limits.rate_fall is not None:
-                self._add(info, RateRule(info, limits.rate_rise, limits.rate_fall, limits.rate_window,
-                                         info.id in self._latching, self._rate_history))
+                self._rates.add(info.index, limits.rate_rise, limits.rate_fall, limits.rate_window,
+                                info.id in self._latching)
+        self._rate_slot = array("i", self._rates.slot_of)
         if config is not None:
             self._domain_rules(config)
 
@@ -147,7 +150,10 @@ class AlarmEngine:
         if kind == "comm_loss":
             return self._comm_of(info.index) if make else self._comm.get(info.index)
         if kind == "rate":
-            return next((r for r in self._other_rules[info.index] or () if r.kind == "rate"), None)
+            made = next((r for r in self._other_rules[info.index] or () if r.kind == "rate"), None)
+            if made is None and make and self._rates.slot_of[info.index] >= 0:
+                made = self._rate_rule(info.index)
+            return made
         if info.limits is None or info.is_bool or getattr(info.limits, kind, None) is None or \
                 kind not in _LIMIT_NAMES:
             return None
@@ -161,6 +167,7 @@ class AlarmEngine:
         lo, hi = self._lo, self._hi
         other_rules = self._other_rules
         bad_since = self._bad_since
+        rate_slot = self._rate_slot
         reasons = batch.reasons
         for n, (index, value, quality) in enumerate(zip(batch.indices, batch.values, batch.qualities, strict=True)):
             if quality == BAD:
@@ -170,7 +177,10 @@ class AlarmEngine:
                 continue  # an unconfirmed jump: no rule acts on it (the next sample confirms it or not)
             others = other_rules[index]
             if lo[index] < value < hi[index] and others is None and index not in bad_since:
-                continue  # the usual case: a value between its limits changes no state
+                # the usual case: a value between its limits changes no state; a rate rule keeps its sample
+                if rate_slot[index] >= 0:
+                    self._rate(index, value, batch.stamps[n] if batch.stamps is not None else batch.ts, events)
+                continue
             ts = batch.stamps[n] if batch.stamps is not None else batch.ts
             if index in bad_since:
                 del bad_since[index]
@@ -181,12 +191,33 @@ class AlarmEngine:
                 for rule in self._limits_of(index):
                     self._fed(rule, rule.feed(value, ts), events)
                 self._settle(index)
+            if rate_slot[index] >= 0:
+                self._rate(index, value, ts, events)
             if others is not None:
                 for other in others:
                     event = other.feed(value, ts)
                     if event is not None or other.pending_since is not None:
                         self._fed(other, event, events)
         return events
+
+    def _rate(self, index: int, value: float, ts: int, events: list[AlarmEvent]) -> None:
+        """A point whose rate rule has no object yet: one is made when the rate first goes beyond its limit."""
+        rates = self._rates
+        slot = self._rate_slot[index]
+        rate = rates.rate(slot, value, ts)
+        if rate is None:
+            return
+        rise, fall, _, _, _ = rates.specs[rates.spec_of[slot]]
+        if (rise is not None and rate >= rise) or (fall is not None and -rate >= fall):
+            rule = self._rate_rule(index)
+            self._fed(rule, rule.judge(rate, ts), events)
+
+    def _rate_rule(self, index: int) -> RateRule:
+        """Make the point's rate rule object; from now on it is fed with the point's other rules."""
+        rule = RateRule(self.table.points[index], self._rates)
+        self._add(rule.info, rule)
+        self._rate_slot[index] = -1
+        return rule
 
     def _fed(self, rule: Rule, event: AlarmEvent | None, events: list[AlarmEvent]) -> None:
         if event is not None:
@@ -220,6 +251,8 @@ class AlarmEngine:
             self._settle(index)
         for other in self._other_rules[index] or ():
             other.hold()
+        if self._rate_slot[index] >= 0:
+            self._rates.forget(self._rate_slot[index])
         since = self._bad_since.setdefault(index, ts)
         info = self.table.points[index]
         if ts - since >= round(info.comm_loss * 1000):
@@ -254,6 +287,8 @@ class AlarmEngine:
             return False
         if kind == "comm_loss":
             return True
+        if kind == "rate":
+            return self._rates.slot_of[info.index] >= 0
         return kind in _LIMIT_NAMES and info.limits is not None and not info.is_bool and \
             getattr(info.limits, kind) is not None
 

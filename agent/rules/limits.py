@@ -109,75 +109,100 @@ class LimitRule(Rule):
         return self.step(value <= limit, value > limit + self.deadband, value, ts)
 
 
-class RateHistory:
-    """The kept samples of many rate rules side by side in two arrays, SLOTS a rule: 10,000 points with a rate rule
-    cost 160 kB of samples, not 20,000 small arrays."""
+class RateTable:
+    """The rate-of-change rules of many points as arrays: each point's kept samples (SLOTS of them, one every
+    window/8) and its settings, shared by the points written alike. A point whose rate stays within its limits
+    costs about 170 bytes and no object; its `RateRule` (the alarm's state) is made when the rate first goes
+    beyond, or when a saved state or a command names it (`engine.AlarmEngine` decides)."""
 
     SLOTS = 10
 
-    def __init__(self) -> None:
+    def __init__(self, points: int) -> None:
+        self.slot_of = array("i", [-1]) * points  # point index -> its slot here, -1 without a rate rule
         self.stamps = array("q")
         self.values = array("d")
+        self.counts = bytearray()  # samples kept by each slot, oldest first
+        self.spec_of = array("H")  # slot -> its settings in `specs`
+        self.specs: list[tuple[float | None, float | None, int, int, bool]] = []  # rise, fall, window, step, latch
+        self._spec_ids: dict[tuple[float | None, float | None, int, int, bool], int] = {}
 
-    def allot(self) -> int:
-        """Room for one more rule's samples; returns where they begin."""
-        base = len(self.stamps)
-        self.stamps.extend([0] * self.SLOTS)
-        self.values.extend([0.0] * self.SLOTS)
-        return base
+    def add(self, index: int, rise: float | None, fall: float | None, window: float, latch: bool) -> None:
+        window_ms = round(window * 1000)
+        spec = (rise, fall, window_ms, max(1, window_ms // 8), latch)
+        spec_id = self._spec_ids.get(spec)
+        if spec_id is None:
+            spec_id = self._spec_ids[spec] = len(self.specs)
+            self.specs.append(spec)
+        self.slot_of[index] = len(self.counts)
+        self.counts.append(0)
+        self.spec_of.append(spec_id)
+        self.stamps.extend(_ZERO_STAMPS)
+        self.values.extend(_ZERO_VALUES)
+
+    def spec(self, index: int) -> tuple[float | None, float | None, int, int, bool] | None:
+        slot = self.slot_of[index]
+        return None if slot < 0 else self.specs[self.spec_of[slot]]
+
+    def rate(self, slot: int, value: float, ts: int) -> float | None:
+        """Keep the sample if it is due and return the rate over the window in unit per minute, or None when the
+        kept samples span too short a time to call it a trend."""
+        _, _, window, step, _ = self.specs[self.spec_of[slot]]
+        stamps, values = self.stamps, self.values
+        b = slot * self.SLOTS
+        n = self.counts[slot]
+        if not n or ts - stamps[b + n - 1] >= step:
+            if n == self.SLOTS:
+                stamps[b:b + n - 1] = stamps[b + 1:b + n]
+                values[b:b + n - 1] = values[b + 1:b + n]
+                n -= 1
+            stamps[b + n] = ts
+            values[b + n] = value
+            n += 1
+            self.counts[slot] = n
+        # the oldest kept sample that is still inside the window (or the only one old enough)
+        first, last = b, b + n - 1
+        while first < last and ts - stamps[first + 1] >= window:
+            first += 1
+        span = ts - stamps[first]
+        if span < window // 2 or span <= 0:
+            return None
+        return (value - values[first]) / span * 60_000
+
+    def forget(self, slot: int) -> None:
+        """An unknown value: the trend starts again from the next good one."""
+        self.counts[slot] = 0
 
 
+_ZERO_STAMPS = array("q", [0]) * RateTable.SLOTS
+_ZERO_VALUES = array("d", [0.0]) * RateTable.SLOTS
 _UNITS: dict[str, str] = {}  # "m/min" once, not once a point
 
 
 class RateRule(Rule):
-    """Rate of change over a window, in the point's unit per minute.
+    """The alarm state of one point's rate of change, in the point's unit per minute; its samples and settings
+    stay in the engine's RateTable."""
 
-    It keeps at most SLOTS samples, one every window/8, in the engine's RateHistory.
-    """
+    __slots__ = ("fall", "rise", "slot", "table")
 
-    __slots__ = ("base", "count", "fall", "history", "rise", "step_ms", "window_ms")
-
-    def __init__(self, info: PointInfo, rise: float | None, fall: float | None, window: float, latch: bool,
-                 history: RateHistory | None = None) -> None:
+    def __init__(self, info: PointInfo, table: RateTable) -> None:
+        spec = table.spec(info.index)
+        assert spec is not None
+        rise, fall, _, _, latch = spec
         unit = f"{info.unit}/min"
         super().__init__(info, "rate", 1, rise if rise is not None else fall, 0.0, latch,
                          unit=_UNITS.setdefault(unit, unit))
         self.rise = rise
         self.fall = fall
-        self.window_ms = round(window * 1000)
-        self.step_ms = max(1, self.window_ms // 8)
-        self.history = history if history is not None else RateHistory()
-        self.base = self.history.allot()
-        self.count = 0  # samples kept, oldest first
-
-    def _keep(self, ts: int, value: float) -> None:
-        n, b = self.count, self.base
-        stamps, values = self.history.stamps, self.history.values
-        if n and ts - stamps[b + n - 1] < self.step_ms:
-            return  # close to the last kept sample: the window needs no more detail
-        if n == RateHistory.SLOTS:
-            stamps[b:b + n - 1] = stamps[b + 1:b + n]
-            values[b:b + n - 1] = values[b + 1:b + n]
-            n -= 1
-        stamps[b + n] = ts
-        values[b + n] = value
-        self.count = n + 1
+        self.table = table
+        self.slot = table.slot_of[info.index]
 
     def feed(self, value: float, ts: int) -> AlarmEvent | None:
-        history, b, count = self.history, self.base, self.count
-        stamps = history.stamps
-        if not count or ts - stamps[b + count - 1] >= self.step_ms:
-            self._keep(ts, value)
-            count = self.count
-        # the oldest kept sample that is still inside the window (or the only one old enough)
-        first, last, window = b, b + count - 1, self.window_ms
-        while first < last and ts - stamps[first + 1] >= window:
-            first += 1
-        span = ts - stamps[first]
-        if span < window // 2 or span <= 0:
-            return None  # too short a look to call it a trend
-        rate = (value - history.values[first]) / span * 60_000
+        rate = self.table.rate(self.slot, value, ts)
+        if rate is None:
+            return None
+        return self.judge(rate, ts)
+
+    def judge(self, rate: float, ts: int) -> AlarmEvent | None:
         too_fast_up = self.rise is not None and rate >= self.rise
         too_fast_down = self.fall is not None and -rate >= self.fall
         if not (too_fast_up or too_fast_down) and self.state == NORMAL:
@@ -189,4 +214,4 @@ class RateRule(Rule):
 
     def hold(self) -> None:
         super().hold()
-        self.count = 0
+        self.table.forget(self.slot)

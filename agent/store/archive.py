@@ -29,24 +29,24 @@ class Archive(PointMaps):
 
     def __init__(self, path: Any, *, readonly: bool = False, memory_fallback: bool = False) -> None:
         super().__init__(path, readonly=readonly, memory_fallback=memory_fallback)
-        # every point id and on/off point told to this store, told again to a file that replaced a damaged one
-        self._registered: set[str] = set()
         self._bools: frozenset[str] = frozenset()
-        self._keys: dict[str, int] = {}  # point id -> key in this file
+        # point id -> key in this file; every point id told to this store, told again (with the on/off points) to a
+        # file that replaced a damaged one
+        self._keys: dict[str, int] = {}
         self.expired_chunks = 0  # chunks the last limited `expire` dropped
 
     def _after_recovery(self) -> None:
         super()._after_recovery()
+        registered = sorted(self._keys)
         self._keys.clear()  # a new file: its keys are its own
         bools, self._bools = self._bools, frozenset()
-        if self._registered:
-            self.point_keys(sorted(self._registered), bools)
+        if registered or bools:
+            self.point_keys(registered, bools)
 
     def point_keys(self, ids: Iterable[str], bools: frozenset[str] = frozenset()) -> dict[str, int]:
         """Small integer keys for point ids (stable for the life of the file); `bools` are the on/off points. Keys
         are remembered: an archive flush asks for 250 of them at a time, and the file is asked only for new ones."""
         ids = list(ids)
-        self._registered.update(ids)
         missing = [i for i in ids if i not in self._keys]
         new_bools = bools - self._bools
         if missing or new_bools:
