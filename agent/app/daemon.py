@@ -120,6 +120,7 @@ class Agent:
     def configured(self, config: AgentConfig) -> None:
         """`config` is now the running configuration."""
         self.config = config
+        gc.freeze()  # the new configuration's parts, like the start's, are kept out of the collector's walks
         if self.reports is not None:
             self.reports.config = config
 

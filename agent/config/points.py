@@ -65,38 +65,33 @@ class PointTable:
         self.points: list[PointInfo] = []
         self.by_id: dict[str, PointInfo] = {}
         self.devices: list[DeviceSlot] = []
+        alarming: dict[int, bool] = {}  # points written alike share their limits: asked once each
         for channel in config.channels:
             for device in getattr(channel, "devices", []):
                 slot = DeviceSlot(channel, device)
                 for point in device.points:
-                    info = self._compile(len(self.points), channel, device, point)
+                    limits = point.limits
+                    if limits is not None:
+                        some = alarming.get(id(limits))
+                        if some is None:
+                            some = alarming[id(limits)] = limits.any()
+                        if not some:
+                            limits = None
+                    info = self._compile(len(self.points), channel, device, point, limits)
                     self.points.append(info)
                     self.by_id[info.id] = info
                     slot.add(info)
                 self.devices.append(slot)
 
     @staticmethod
-    def _compile(index: int, channel: ChannelBase, device: DeviceBase, point: PointBase) -> PointInfo:
+    def _compile(index: int, channel: ChannelBase, device: DeviceBase, point: PointBase,
+                 limits: Limits | None) -> PointInfo:
         lo, hi = point.range if point.range is not None else (-math.inf, math.inf)
         ptype = getattr(point, "type", "float64")
-        info = PointInfo(
-            index=index,
-            id=point.id,
-            unit=point.unit,
-            domain=point.domain,
-            channel=channel.id,
-            device=device.id,
-            scale=point.scale,
-            offset=point.offset,
-            lo=lo,
-            hi=hi,
-            limits=point.limits if point.limits is not None and point.limits.any() else None,
-            comm_loss=point.comm_loss if point.comm_loss is not None else device.comm_loss,
-            is_bool=ptype == "bool",
-        )
         # a float32 carries about 7 significant digits; printing more shows only conversion noise
-        info.json_float = "%.7g" if ptype == "float32" else "%.12g"
-        return info
+        return PointInfo(index, point.id, point.unit, point.domain, channel.id, device.id, point.scale, point.offset,
+                         lo, hi, limits, point.comm_loss if point.comm_loss is not None else device.comm_loss,
+                         ptype == "bool", "", "%.7g" if ptype == "float32" else "%.12g")
 
     def add_derived(self, point_id: str, unit: str, domain: str, device: str) -> PointInfo:
         """A point the agent computes itself (daily energy), published like a measured one."""

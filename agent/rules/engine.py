@@ -68,6 +68,7 @@ class AlarmEngine:
             if limits.rate_rise is not None or limits.rate_fall is not None:
                 self._rates.add(info.index, limits.rate_rise, limits.rate_fall, limits.rate_window,
                                 info.id in self._latching)
+        self._rates.ready()
         self._rate_slot = array("i", self._rates.slot_of)
         if config is not None:
             self._domain_rules(config)

@@ -136,8 +136,11 @@ class RateTable:
         self.slot_of[index] = len(self.counts)
         self.counts.append(0)
         self.spec_of.append(spec_id)
-        self.stamps.extend(_ZERO_STAMPS)
-        self.values.extend(_ZERO_VALUES)
+
+    def ready(self) -> None:
+        """Room for the samples of every rule added: call it once they are all added."""
+        self.stamps = array("q", bytes(8 * self.SLOTS * len(self.counts)))
+        self.values = array("d", bytes(8 * self.SLOTS * len(self.counts)))
 
     def spec(self, index: int) -> tuple[float | None, float | None, int, int, bool] | None:
         slot = self.slot_of[index]
@@ -173,8 +176,6 @@ class RateTable:
         self.counts[slot] = 0
 
 
-_ZERO_STAMPS = array("q", [0]) * RateTable.SLOTS
-_ZERO_VALUES = array("d", [0.0]) * RateTable.SLOTS
 _UNITS: dict[str, str] = {}  # "m/min" once, not once a point
 
 

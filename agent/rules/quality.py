@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from agent.config.base import PointBase
+from agent.config.base import DeviceBase, PointBase
 from agent.config.points import DeviceSlot, PointTable
 from agent.core import BAD, GOOD, UNCERTAIN, AlarmEvent, ReadingBatch
 
@@ -173,7 +173,6 @@ class QualityRules:
     def __init__(self, table: PointTable, config: AgentConfig | None = None) -> None:
         self.table = table
         n = len(table)
-        points = {p.id: p for _, _, p in config.points()} if config is not None else {}
         counters = {m.total_energy for m in config.power.meters if m.total_energy} if config is not None else set()
         # a device's points have consecutive indices (PointTable), so a point's device is found by bisection
         self._starts = array("I")
@@ -185,52 +184,59 @@ class QualityRules:
             self._end += len(device_slot.indices)
         # the hot arrays, all the fast path reads. The fast bounds (lo, hi): no value within epsilon of a reference
         # value strictly between them is at a range end (other than at rest), so a still reading needs no look
-        self._lo = array("d", [-_INF]) * n
-        self._hi = array("d", [_INF]) * n
         self._ref = array("d", [0]) * n  # the value the stillness (and a jump) is measured from
         self._due = array("q", [_FAR]) * n  # still until then: frozen (device time, ms)
-        self._eps = array("f", [0]) * n
-        self._step = array("f", [_INF]) * n
-        self._fz = array("I", [FROZEN_OFF]) * n  # frozen_after, ms
-        self._flags = bytearray(n)
         self._profiles: list[_Profile] = []
         shared: dict[_Profile, int] = {}
-        prof: list[int] = []
+        # points written alike (the same quality block, domain, kind and range on devices alike) share every fact
+        # below: each is worked out once (100,000 points: a few distinct shapes)
+        facts: dict[tuple[Any, ...], tuple[float, float, float, float, int, int, int]] = {}
+        configured = [p for _, _, p in config.points()] if config is not None else []
+        lo_list, hi_list, eps_list, step_list, fz_list, prof = [], [], [], [], [], []
+        flags = bytearray(n)
+        confirm_of = [self._confirm_ms(s.device) for s in table.devices]
         for info in table.points:
             i = info.index
             slot = self._slot(i)
-            point = points.get(info.id)
+            point = configured[i] if i < len(configured) else None
             if point is None or slot == NO_SLOT:  # derived (daily energy), or a table built without its config
-                settings = Settings(None, 0.0, None, None, None)
+                key: tuple[Any, ...] = (None, slot == NO_SLOT)
             else:
-                settings = resolve(point, counter=info.id in counters)
-            eps = _f32(settings.epsilon)
-            rest_lo, rest_hi = (_INF, -_INF) if settings.at_rest is None else (
-                settings.at_rest - eps - 1e-9 * max(1.0, abs(settings.at_rest)),
-                settings.at_rest + eps + 1e-9 * max(1.0, abs(settings.at_rest)))
-            step = _f32(settings.max_step) if settings.max_step is not None else _INF
-            range_ms = -1 if settings.range_end_delay is None else round(settings.range_end_delay * 1000)
-            frozen_ms = FROZEN_OFF if settings.frozen_after is None else round(settings.frozen_after * 1000)
-            confirm_ms = 0
-            if slot != NO_SLOT:
-                device = table.devices[slot].device
-                if getattr(device, "mode", "poll") == "subscribe":  # news only on change: silence confirms
-                    wait = max(device.interval, getattr(device, "publishing_interval", None) or 0.0)
-                    confirm_ms = round(2000 * wait) + 1000
-            profile = _Profile(frozen_ms, eps, rest_lo, rest_hi, step, range_ms, confirm_ms)
-            prof.append(shared.setdefault(profile, len(shared)))
-            if len(shared) > len(self._profiles):
-                self._profiles.append(profile)
-            if range_ms >= 0:
-                lo, hi = info.lo, info.hi
-                # a resting value at a range end is no range end: the fast path lets it through
-                self._lo[i] = (rest_lo if rest_lo <= lo <= rest_hi else lo) + eps
-                self._hi[i] = (rest_hi if rest_lo <= hi <= rest_hi else hi) - eps
-            self._eps[i] = eps
-            self._step[i] = step
-            self._fz[i] = frozen_ms
-            if slot != NO_SLOT:  # a derived point has no rule and no device: always the fast path
-                self._flags[i] = _NEW | _OFF  # never read: a miss until it is
+                assert point.id == info.id, "the point table follows the configuration's order"
+                key = (id(point.quality), point.domain, getattr(point, "type", None) == "bool", info.id in counters,
+                       point.fault_of is not None, point.gas.kind if point.gas is not None else None, point.range,
+                       info.lo, info.hi, confirm_of[slot])
+            known = facts.get(key)
+            if known is None:
+                if point is None or slot == NO_SLOT:
+                    settings = Settings(None, 0.0, None, None, None)
+                else:
+                    settings = resolve(point, counter=info.id in counters)
+                profile = self._profile(settings, confirm_of[slot] if slot != NO_SLOT else 0)
+                k = shared.setdefault(profile, len(shared))
+                if k == len(self._profiles):
+                    self._profiles.append(profile)
+                lo, hi = -_INF, _INF
+                if profile.range_ms >= 0:
+                    rest_lo, rest_hi, eps = profile.rest_lo, profile.rest_hi, profile.epsilon
+                    # a resting value at a range end is no range end: the fast path lets it through
+                    lo = (rest_lo if rest_lo <= info.lo <= rest_hi else info.lo) + eps
+                    hi = (rest_hi if rest_lo <= info.hi <= rest_hi else info.hi) - eps
+                known = facts[key] = (lo, hi, profile.epsilon, profile.step, profile.frozen_ms, k,
+                                      _NEW | _OFF if slot != NO_SLOT else 0)  # never read: a miss until it is
+            lo_list.append(known[0])
+            hi_list.append(known[1])
+            eps_list.append(known[2])
+            step_list.append(known[3])
+            fz_list.append(known[4])
+            prof.append(known[5])
+            flags[i] = known[6]  # a derived point has no rule and no device: always the fast path
+        self._lo = array("d", lo_list)
+        self._hi = array("d", hi_list)
+        self._eps = array("f", eps_list)
+        self._step = array("f", step_list)
+        self._fz = array("I", fz_list)
+        self._flags = flags
         self._prof = array("B" if len(self._profiles) <= 0x100 else "H" if len(self._profiles) <= 0x10000 else "I",
                            prof)
         # rare state, for the few points where a rule is under way
@@ -584,6 +590,26 @@ class QualityRules:
             for i in off:
                 miss_hour[i] += 1
                 miss_day[i] += 1
+
+    @staticmethod
+    def _confirm_ms(device: DeviceBase) -> int:
+        """A spike that no sample contradicts this long is confirmed: devices read by subscription send news only
+        on change, so their silence confirms; polled devices never confirm by silence (0)."""
+        if getattr(device, "mode", "poll") != "subscribe":
+            return 0
+        wait = max(device.interval, getattr(device, "publishing_interval", None) or 0.0)
+        return round(2000 * wait) + 1000
+
+    @staticmethod
+    def _profile(settings: Settings, confirm_ms: int) -> _Profile:
+        eps = _f32(settings.epsilon)
+        rest_lo, rest_hi = (_INF, -_INF) if settings.at_rest is None else (
+            settings.at_rest - eps - 1e-9 * max(1.0, abs(settings.at_rest)),
+            settings.at_rest + eps + 1e-9 * max(1.0, abs(settings.at_rest)))
+        step = _f32(settings.max_step) if settings.max_step is not None else _INF
+        range_ms = -1 if settings.range_end_delay is None else round(settings.range_end_delay * 1000)
+        frozen_ms = FROZEN_OFF if settings.frozen_after is None else round(settings.frozen_after * 1000)
+        return _Profile(frozen_ms, eps, rest_lo, rest_hi, step, range_ms, confirm_ms)
 
     def slot_of(self, index: int) -> int | None:
         """The device slot of a point (None for a derived one): to call `expected` from a batch."""
