@@ -177,7 +177,7 @@ class Agent:
             others = [uplink_task, upkeep_task, loop.create_task(watch.run(), name="loop watch")]
             period = watchdog_interval()
             if period is not None:
-                slowest = max((d.interval for _, d, _ in cfg.points()), default=0.0)
+                slowest = max((d.interval for ch in cfg.channels for d in getattr(ch, "devices", [])), default=0.0)
                 polling = any(ch.enabled for ch in cfg.channels)  # without channels the loop's turning is progress
                 watchdog = Watchdog(period, lambda: pipeline.readings_in if polling else int(loop.time()),
                                     stall=max(period, 3 * slowest))

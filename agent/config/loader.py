@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from agent.config import yaml_stream
 from agent.config.base import CREDENTIALS, Model, Secret, SecretFile, read_secret
 from agent.config.models import AgentConfig
+from agent.config.packed import pack_points
 from agent.config.sharing import share_equal_parts
 from agent.errors import ConfigError
 
@@ -248,7 +249,7 @@ def _answer_and_exit(work: Callable[[], Any], read_end: int, write_end: int) -> 
     try:
         os.close(read_end)
         try:
-            answer: tuple[str, Any] = ("ok", work())
+            answer: tuple[str, Any] = ("ok", _packed(work()))
         except ConfigError as exc:
             answer = ("error", (exc.source, exc.errors))
         with os.fdopen(write_end, "wb") as out:
@@ -257,6 +258,15 @@ def _answer_and_exit(work: Callable[[], Any], read_end: int, write_end: int) -> 
         code = 1
     finally:
         os._exit(code)
+
+
+def _packed(value: Any) -> Any:
+    """A configuration in the answer, with its points packed: the daemon keeps it as long as it runs (about 120
+    instead of 690 bytes a point), and it crosses the pipe ten times smaller."""
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, AgentConfig):
+            pack_points(item)
+    return value
 
 
 def _answer(answer: tuple[str, Any]) -> Any:

@@ -7,6 +7,7 @@ This module never opens a device or a socket.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Union
 
@@ -340,6 +341,13 @@ class AgentConfig(Model):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    def each_point(self) -> Iterator[PointBase]:
+        """Every point, in file order, one at a time: a running agent's points are packed (agent.config.packed)
+        and each is rebuilt when asked for, so a walk over all of them must not hold them all at once."""
+        for channel in self.channels:
+            for device in getattr(channel, "devices", []):
+                yield from device.points
 
     def points(self) -> list[tuple[ChannelBase, DeviceBase, PointBase]]:
         """Every point with its channel and device, in file order."""

@@ -77,7 +77,7 @@ class AlarmEngine:
     def _latching_ids(config: AgentConfig | None) -> set[str]:
         if config is None:
             return set()
-        return {p.id for _, _, p in config.points() if p.latches()}
+        return {p.id for p in config.each_point() if p.latches()}
 
     def _band(self, info: PointInfo) -> tuple[float, float]:
         """Values strictly between these raise no four-level limit of the point."""
@@ -125,7 +125,7 @@ class AlarmEngine:
 
     def _domain_rules(self, config: AgentConfig) -> None:
         by_id = self.table.by_id
-        for _, _, point in config.points():
+        for point in config.each_point():
             if point.fault_of is not None:
                 status, target = by_id[point.id], by_id[point.fault_of]
                 self._add(status, FaultRule(target, "fault", 1, None, 0.0, False))

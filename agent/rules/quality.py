@@ -191,14 +191,14 @@ class QualityRules:
         # points written alike (the same quality block, domain, kind and range on devices alike) share every fact
         # below: each is worked out once (100,000 points: a few distinct shapes)
         facts: dict[tuple[Any, ...], tuple[float, float, float, float, int, int, int]] = {}
-        configured = [p for _, _, p in config.points()] if config is not None else []
+        configured = config.each_point() if config is not None else iter(())  # the table's first points, in order
         lo_list, hi_list, eps_list, step_list, fz_list, prof = [], [], [], [], [], []
         flags = bytearray(n)
         confirm_of = [self._confirm_ms(s.device) for s in table.devices]
         for info in table.points:
             i = info.index
             slot = self._slot(i)
-            point = configured[i] if i < len(configured) else None
+            point = next(configured, None)
             if point is None or slot == NO_SLOT:  # derived (daily energy), or a table built without its config
                 key: tuple[Any, ...] = (None, slot == NO_SLOT)
             else:
