@@ -252,6 +252,21 @@ def test_whole_polls_kept_as_columns_come_back_per_point_with_bad_and_odd_values
     assert [(s.value, s.quality) for s in rows["P2"][3]] == [(None, 2), (None, 1), (7.0, 0)]
 
 
+def test_qualities_kept_only_from_the_first_poll_not_all_good() -> None:
+    buffer = ArchiveBuffer(["A", "B"])
+    buffer.add_poll(0, 1000, [1.0, 10.0], [0, 0])
+    buffer.add_poll(0, 2000, [2.0, 20.0], [0, 0])
+    assert buffer.count == 4
+    buffer.add_poll(0, 3000, [3.0, None], [1, 2])
+    buffer.add_poll(0, 4000, [4.0, 40.0], [0, 0])
+    rows = {key: [(s.ts, s.quality) for s in decode_chunk(chunk)] for key, _, _, _, chunk in buffer.take()}
+    assert rows == {"A": [(1000, 0), (2000, 0), (3000, 1), (4000, 0)], "B": [(1000, 0), (2000, 0), (3000, 2), (4000, 0)]}
+    buffer.add_poll(0, 5000, [5.0, 50.0], [0, 0])
+    buffer.add_poll(0, 4500, [4.5, 45.0], [0, 0])  # all good, and taken apart point by point (the clock stepped back)
+    rows = {key: [(s.ts, s.quality) for s in decode_chunk(chunk)] for key, _, _, _, chunk in buffer.take()}
+    assert rows == {"A": [(4500, 0), (5000, 0)], "B": [(4500, 0), (5000, 0)]}
+
+
 def test_columns_meet_readings_of_their_own_time_and_a_clock_stepping_back() -> None:
     buffer = ArchiveBuffer(["A", "B"])
     buffer.add_poll(0, 5000, [5.0, 50.0], [0, 0])
