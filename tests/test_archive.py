@@ -260,7 +260,8 @@ def test_qualities_kept_only_from_the_first_poll_not_all_good() -> None:
     buffer.add_poll(0, 3000, [3.0, None], [1, 2])
     buffer.add_poll(0, 4000, [4.0, 40.0], [0, 0])
     rows = {key: [(s.ts, s.quality) for s in decode_chunk(chunk)] for key, _, _, _, chunk in buffer.take()}
-    assert rows == {"A": [(1000, 0), (2000, 0), (3000, 1), (4000, 0)], "B": [(1000, 0), (2000, 0), (3000, 2), (4000, 0)]}
+    assert rows == {"A": [(1000, 0), (2000, 0), (3000, 1), (4000, 0)],
+                    "B": [(1000, 0), (2000, 0), (3000, 2), (4000, 0)]}
     buffer.add_poll(0, 5000, [5.0, 50.0], [0, 0])
     buffer.add_poll(0, 4500, [4.5, 45.0], [0, 0])  # all good, and taken apart point by point (the clock stepped back)
     rows = {key: [(s.ts, s.quality) for s in decode_chunk(chunk)] for key, _, _, _, chunk in buffer.take()}
