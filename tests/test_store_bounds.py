@@ -174,6 +174,19 @@ def test_history_lands_on_the_right_points_after_the_file_was_replaced(tmp_path:
     store.close()
 
 
+def test_a_file_that_replaced_a_damaged_one_still_knows_the_on_off_points(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db").open()
+    store.point_keys(["PUMP-RUN", "LT-101"], frozenset({"PUMP-RUN"}))
+    assert store.recover_if_corrupt(sqlite3.DatabaseError("database disk image is malformed"))
+    assert store.point_is_bool("PUMP-RUN") is True  # history reads its archive back as true/false, not 1.0/0.0
+    buffer = ArchiveBuffer()
+    buffer.add_many(["PUMP-RUN", "LT-101"], [1000, 1000], [True, 2.5], [0, 0])
+    store.write_chunks(list(buffer.take()), mark=0)
+    assert [s.value for s in store.history("PUMP-RUN", 0, 9999)] == [True]
+    assert store.point_is_bool("LT-101") is False
+    store.close()
+
+
 def test_a_full_disk_is_not_taken_for_a_damaged_store(tmp_path: Path) -> None:
     import os
     import subprocess

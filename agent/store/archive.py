@@ -29,37 +29,37 @@ class Archive(PointMaps):
 
     def __init__(self, path: Any, *, readonly: bool = False, memory_fallback: bool = False) -> None:
         super().__init__(path, readonly=readonly, memory_fallback=memory_fallback)
-        self._bools: frozenset[str] = frozenset()
-        # point id -> key in this file; every point id told to this store, told again (with the on/off points) to a
-        # file that replaced a damaged one
-        self._keys: dict[str, int] = {}
+        self._bools: frozenset[str] = frozenset()  # the on/off points told, told again to a file that replaced one
         self.expired_chunks = 0  # chunks the last limited `expire` dropped
 
     def _after_recovery(self) -> None:
         super()._after_recovery()
-        registered = sorted(self._keys)
-        self._keys.clear()  # a new file: its keys are its own
         bools, self._bools = self._bools, frozenset()
-        if registered or bools:
-            self.point_keys(registered, bools)
+        if bools:  # every other point is registered again when its first chunk is written
+            self.point_keys(sorted(bools), bools)
 
     def point_keys(self, ids: Iterable[str], bools: frozenset[str] = frozenset()) -> dict[str, int]:
-        """Small integer keys for point ids (stable for the life of the file); `bools` are the on/off points. Keys
-        are remembered: an archive flush asks for 250 of them at a time, and the file is asked only for new ones."""
+        """Small integer keys for point ids (stable for the life of the file); `bools` are the on/off points. Not
+        remembered here: an archive flush asks the file for 250 at a time (a fraction of a millisecond), and
+        100,000 points remembered would cost 10 MB."""
         ids = list(ids)
-        missing = [i for i in ids if i not in self._keys]
+        keys: dict[str, int] = {}
+        self._select_keys(ids, keys)
+        missing = [i for i in ids if i not in keys]
         new_bools = bools - self._bools
         if missing or new_bools:
             with self.transaction():
                 self.db.executemany("INSERT OR IGNORE INTO point (id) VALUES (?)", [(i,) for i in missing])
                 self.db.executemany("UPDATE point SET is_bool = 1 WHERE id = ?", [(i,) for i in new_bools])
             self._bools |= new_bools
-            for start in range(0, len(missing), 500):
-                part = missing[start:start + 500]
-                self._keys.update(self.db.execute(
-                    f"SELECT id, key FROM point WHERE id IN ({', '.join('?' * len(part))})", part))
-        keys = self._keys
-        return {i: int(keys[i]) for i in ids}
+            self._select_keys(missing, keys)
+        return keys
+
+    def _select_keys(self, ids: list[str], keys: dict[str, int]) -> None:
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            keys.update(self.db.execute(f"SELECT id, key FROM point WHERE id IN ({', '.join('?' * len(part))})",
+                                        part))
 
     def point_is_bool(self, point_id: str) -> bool | None:
         """Whether a point's values are on/off; None when the store has never seen the point."""
