@@ -438,3 +438,24 @@ def test_a_connect_that_hangs_is_a_link_error_after_connect_timeout() -> None:
 
 def test_no_reply_and_frame_errors_are_the_driver_errors_the_poller_expects() -> None:
     assert issubclass(NoReply, TimeoutError) and issubclass(FrameError, OSError) and issubclass(LinkError, OSError)
+
+
+@pytest.mark.timeout(30)
+def test_a_second_request_while_one_waits_is_refused_and_the_first_still_gets_its_reply() -> None:
+    async def main() -> bytes:
+        async def answer(tid: int, unit: int, pdu: bytes, writer: asyncio.StreamWriter) -> None:
+            writer.write(good_reply(tid, unit, pdu))
+
+        server, port = await serve(answer)
+        connection = await connect(port)
+        pdu = struct.pack(">BHH", 3, 10, 2)
+        try:
+            first = connection.request(1, UNIT, pdu, 5)
+            with pytest.raises(RuntimeError, match="already waiting"):
+                connection.request(2, UNIT, pdu, 5)
+            return await asyncio.wait_for(first, 10)
+        finally:
+            await connection.close()
+            server.close()
+
+    assert asyncio.run(main()) == bytes([3, 4, 0, 10, 0, 11])

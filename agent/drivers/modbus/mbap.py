@@ -58,6 +58,8 @@ class MbapConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._lost is not None or self._closing:
             raise LinkError(f"channel {self.name}: not connected")
+        if self._waiter is not None and not self._waiter.done():
+            raise RuntimeError(f"channel {self.name}: a transaction is already waiting for its reply")
         loop = self._loop
         waiter: asyncio.Future[bytes] = loop.create_future()
         self._waiter, self._tid, self._unit, self._timeout, self._stray = waiter, tid, unit, timeout, 0
@@ -85,7 +87,7 @@ class MbapConnection(asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
-        elif not isinstance(exc, NoReply):
+        else:  # bytes nobody asked for
             log.warning("channel %s: dropped the connection: %s", self.name, exc)
         self._buffer.clear()
         self._lost = self._lost or exc
