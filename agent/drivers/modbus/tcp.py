@@ -2,14 +2,13 @@
 
 A reply is matched to its request by transaction id; a late reply to an abandoned request is dropped,
 never taken for the answer to the next one. Any transport error closes the socket; the next poll reconnects.
+The connection itself, its framing and its timeouts are `mbap.MbapConnection`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import struct
 from typing import Literal
 
 from pydantic import Field
@@ -26,11 +25,10 @@ from agent.drivers.modbus.codec import (
     plan_blocks,
     read_request,
 )
-from agent.errors import LinkError, NoReply
+from agent.drivers.modbus.mbap import MbapConnection
+from agent.errors import LinkError
 
 log = logging.getLogger(__name__)
-
-_MBAP = struct.Struct(">HHHB")
 
 
 class ModbusTcpChannel(ChannelBase):
@@ -49,67 +47,44 @@ class ModbusTcpDriver(BlockReader):
     def __init__(self, channel: ModbusTcpChannel) -> None:
         self.channel = channel
         self._plans = {d.id: plan_blocks(d) for d in channel.devices}
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._connection: MbapConnection | None = None
         self._tid = 0
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
+        return self._connection is not None and self._connection.is_open
 
     async def open(self) -> None:
         if self.connected:
             return
+        await self.close()
         ch = self.channel
+        connection = MbapConnection(ch.id)
+        loop = asyncio.get_running_loop()
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(ch.host, ch.port), ch.connect_timeout
-            )
+            await asyncio.wait_for(loop.create_connection(lambda: connection, ch.host, ch.port), ch.connect_timeout)
         except TimeoutError:
             raise LinkError(f"connect to {ch.host}:{ch.port} timed out after {ch.connect_timeout:g}s") from None
+        self._connection = connection
         log.info("channel %s: connected to %s:%d", ch.id, ch.host, ch.port)
 
     async def close(self) -> None:
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
 
     async def transact(self, unit: int, pdu: bytes, timeout: float) -> bytes:
         """Send one request PDU and return the reply PDU of the same transaction id."""
-        if not self.connected:
+        connection = self._connection
+        if connection is None or not connection.is_open:
             await self.open()
-        assert self._reader is not None and self._writer is not None
-        self._tid = (self._tid + 1) & 0xFFFF
-        tid = self._tid
-        self._writer.write(_MBAP.pack(tid, 0, len(pdu) + 1, unit) + pdu)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+            connection = self._connection
+            assert connection is not None
+        self._tid = tid = (self._tid + 1) & 0xFFFF
         try:
-            async with asyncio.timeout_at(deadline):
-                await self._writer.drain()
-                while True:
-                    head = await self._reader.readexactly(7)
-                    rtid, proto, length, runit = _MBAP.unpack(head)
-                    if proto != 0 or not 2 <= length <= 254:
-                        raise FrameError(f"bad MBAP header {head.hex()} (protocol {proto}, length {length})")
-                    body = await self._reader.readexactly(length - 1)
-                    if rtid != tid:
-                        log.debug("channel %s: dropped late reply tid %d (waiting for %d)", self.channel.id, rtid, tid)
-                        continue
-                    if runit != unit:
-                        raise FrameError(f"reply from unit {runit} to a request for unit {unit}")
-                    return body
-        except TimeoutError:
-            # a late reply would otherwise sit in the stream; a fresh connection keeps the link in step
-            await self.close()
-            raise NoReply(f"no reply within {timeout:g}s") from None
-        except asyncio.IncompleteReadError as exc:
-            await self.close()
-            read = len(exc.partial)
-            raise LinkError(f"connection closed by the server ({read} bytes of a reply read)") from None
+            return await connection.request(tid, unit, pdu, timeout)
         except (OSError, EOFError, FrameError):
+            # a late reply would otherwise come on this connection; a fresh one keeps the link in step
             await self.close()
             raise
 
