@@ -169,6 +169,7 @@ class AlarmEngine:
         other_rules = self._other_rules
         bad_since = self._bad_since
         rate_slot = self._rate_slot
+        rate_of, quick = self._rates.rate, self._rates.quick
         reasons = batch.reasons
         for n, (index, value, quality) in enumerate(zip(batch.indices, batch.values, batch.qualities, strict=True)):
             if quality == BAD:
@@ -179,8 +180,12 @@ class AlarmEngine:
             others = other_rules[index]
             if lo[index] < value < hi[index] and others is None and index not in bad_since:
                 # the usual case: a value between its limits changes no state; a rate rule keeps its sample
-                if rate_slot[index] >= 0:
-                    self._rate(index, value, batch.stamps[n] if batch.stamps is not None else batch.ts, events)
+                slot = rate_slot[index]
+                if slot >= 0:
+                    ts = batch.stamps[n] if batch.stamps is not None else batch.ts
+                    rate = rate_of(slot, value, ts)
+                    if rate is not None and not -quick[slot] < rate < quick[slot]:
+                        self._rate(index, value, ts, events, rate)
                 continue
             ts = batch.stamps[n] if batch.stamps is not None else batch.ts
             if index in bad_since:
@@ -201,13 +206,14 @@ class AlarmEngine:
                         self._fed(other, event, events)
         return events
 
-    def _rate(self, index: int, value: float, ts: int, events: list[AlarmEvent]) -> None:
+    def _rate(self, index: int, value: float, ts: int, events: list[AlarmEvent], rate: float | None = None) -> None:
         """A point whose rate rule has no object yet: one is made when the rate first goes beyond its limit."""
         rates = self._rates
         slot = self._rate_slot[index]
-        rate = rates.rate(slot, value, ts)
         if rate is None:
-            return
+            rate = rates.rate(slot, value, ts)
+            if rate is None:
+                return
         rise, fall, _, _, _ = rates.specs[rates.spec_of[slot]]
         if (rise is not None and rate >= rise) or (fall is not None and -rate >= fall):
             rule = self._rate_rule(index)

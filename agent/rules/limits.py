@@ -4,6 +4,7 @@ with deadband, and rate of change over a window. Each emits an event only when i
 
 from __future__ import annotations
 
+import math
 import time
 from array import array
 from typing import Any
@@ -123,6 +124,7 @@ class RateTable:
         self.values = array("d")
         self.counts = bytearray()  # samples kept by each slot, oldest first
         self.spec_of = array("H")  # slot -> its settings in `specs`
+        self.quick = array("d")  # slot -> a rate strictly between -quick and quick goes beyond neither limit
         self.specs: list[tuple[float | None, float | None, int, int, bool]] = []  # rise, fall, window, step, latch
         self._spec_ids: dict[tuple[float | None, float | None, int, int, bool], int] = {}
 
@@ -136,6 +138,7 @@ class RateTable:
         self.slot_of[index] = len(self.counts)
         self.counts.append(0)
         self.spec_of.append(spec_id)
+        self.quick.append(min(rise if rise is not None else math.inf, fall if fall is not None else math.inf))
 
     def ready(self) -> None:
         """Room for the samples of every rule added: call it once they are all added."""
