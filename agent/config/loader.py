@@ -18,11 +18,11 @@ import signal
 import sys
 import typing
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, NoReturn, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from agent.config import yaml_stream
 from agent.config.base import CREDENTIALS, Model, Secret, SecretFile, read_secret
@@ -345,7 +345,8 @@ def validate_config_data(data: dict[str, Any], *, source: str, base_dir: Path | 
 
 def _resolve_paths(value: Any, base: Path) -> Any:
     """Relative file names anywhere in the configuration (store, socket, certificates) are taken from the
-    config file's folder, so the daemon finds them whatever its working directory."""
+    config file's folder, so the daemon finds them whatever its working directory. Only fields whose annotation
+    can hold a path somewhere below are walked: 100,000 points hold none."""
     if isinstance(value, Path):
         if str(value).startswith(CREDENTIALS + "/"):
             return value  # systemd's folder, known only when the connection reads the file
@@ -355,13 +356,42 @@ def _resolve_paths(value: Any, base: Path) -> Any:
         return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
     if isinstance(value, Model):
         update = {}
-        for name in type(value).model_fields:
+        for name in _path_fields(type(value)):
             current = getattr(value, name)
             new = _resolve_paths(current, base)
             if new is not current:
                 update[name] = new
         return value.model_copy(update=update) if update else value
     return value
+
+
+@functools.cache
+def _path_fields(cls: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of a model class whose values may hold a Path, themselves or in a model or list below."""
+    return tuple(name for name, field in cls.model_fields.items() if _may_hold_path(field.annotation, frozenset()))
+
+
+def _may_hold_path(annotation: Any, seen: frozenset[type]) -> bool:
+    """Whether a value of this annotation may be or hold a Path: a model class counts by its fields and by its
+    subclasses' (an instance of one may stand in its place); anything untyped counts."""
+    if annotation is Any or annotation is object:
+        return True
+    if isinstance(annotation, type):
+        if issubclass(annotation, PurePath):
+            return True
+        if issubclass(annotation, BaseModel):
+            return annotation not in seen and any(
+                _may_hold_path(field.annotation, seen | {annotation})
+                for cls in _with_subclasses(annotation) for field in cls.model_fields.values())
+    return any(_may_hold_path(a, seen) for a in typing.get_args(annotation) if a is not annotation)
+
+
+def _with_subclasses(cls: type[BaseModel]) -> Iterator[type[BaseModel]]:
+    todo = [cls]
+    while todo:
+        current = todo.pop()
+        yield current
+        todo.extend(current.__subclasses__())
 
 
 def _secret_files(value: Any, where: str) -> Iterator[tuple[str, Path]]:
