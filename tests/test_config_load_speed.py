@@ -3,14 +3,18 @@ resolved, the same errors at the same paths, hostile nesting refused."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import ROOT
 from pydantic import BaseModel
 
 from agent.config.base import CREDENTIALS
-from agent.config.loader import load_config
+from agent.config.loader import load_config, parse_config
+from agent.config.yaml_stream import MAX_DEPTH
+from agent.errors import ConfigError
 
 OPCUA_SAMPLE = ROOT / "agent" / "drivers" / "opcua" / "sample.yaml"
 
@@ -47,3 +51,41 @@ def test_every_relative_path_is_taken_from_the_config_folder(tmp_path: Path) -> 
             assert str(p) == f"{CREDENTIALS}/mqtt"  # systemd's folder: known only at connect time
         else:
             assert p.is_absolute() and p.is_relative_to(tmp_path.resolve()), (where, p)
+
+
+TOO_DEEP = f"JSON: mappings and lists nested deeper than {MAX_DEPTH} levels"
+
+
+def nested(levels: int) -> Any:
+    """`levels` containers one in another, mappings and lists in turn; the outermost is a mapping."""
+    value: Any = 1
+    for n in range(levels - 1):
+        value = [value] if n % 2 == 0 else {"k": value}
+    return {"x": value}
+
+
+def json_errors(document: Any) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(json.dumps(document))
+    return caught.value.errors
+
+
+def test_json_nesting_is_refused_one_level_past_the_bound_and_not_at_it() -> None:
+    assert json_errors(nested(MAX_DEPTH + 1)) == [TOO_DEEP]
+    assert TOO_DEEP not in json_errors(nested(MAX_DEPTH))  # read, then refused by validation
+
+
+def test_a_deep_branch_among_many_shallow_ones_is_found() -> None:
+    wide: dict[str, Any] = {"p": [{"id": f"P{i}", "limits": {"high": 1}} for i in range(20_000)]}
+    wide["p"][-1]["limits"] = nested(MAX_DEPTH - 2)
+    assert json_errors(wide) == [TOO_DEEP]
+    wide["p"][-1]["limits"] = nested(MAX_DEPTH - 3)
+    assert TOO_DEEP not in json_errors(wide)
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 900, 100_000])
+def test_hostile_json_nesting_gets_the_same_clear_error(levels: int) -> None:
+    text = '{"x": ' + '[{"k": ' * (levels // 2) + "1" + "}]" * (levels // 2) + "}"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert caught.value.errors == [TOO_DEEP]
