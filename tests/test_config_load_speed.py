@@ -3,16 +3,20 @@ resolved, the same errors at the same paths, hostile nesting refused."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ROOT
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 
 from agent.config.base import CREDENTIALS
-from agent.config.loader import load_config, parse_config
+from agent.config.loader import format_validation_error, load_config, parse_config, validate_config_data
+from agent.config.models import AgentConfig
+from agent.config.sharing import validated_once
 from agent.config.yaml_stream import MAX_DEPTH
 from agent.errors import ConfigError
 
@@ -89,3 +93,91 @@ def test_hostile_json_nesting_gets_the_same_clear_error(levels: int) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(text)
     assert caught.value.errors == [TOO_DEEP]
+
+
+def plant(limits: list[Any], **point: Any) -> dict[str, Any]:
+    """A document of one Modbus device with a point for each of `limits` (a mapping, or whatever is given)."""
+    return {"agent": {"id": "a", "enterprise": "e"}, "channels": [{
+        "id": "c", "driver": "modbus_tcp", "host": "127.0.0.1", "devices": [{"id": "d", "points": [
+            {"id": f"P{i}", "address": i, "limits": lim, **point} for i, lim in enumerate(limits)]}]}]}
+
+
+def long_way(data: dict[str, Any]) -> str | list[str]:
+    """What validating each part where it stands gives: the configuration as JSON, or the error lines."""
+    try:
+        return AgentConfig.model_validate(data).model_dump_json()
+    except ValidationError as exc:
+        return format_validation_error(exc)
+
+
+def loaded(data: dict[str, Any]) -> str | list[str]:
+    try:
+        return validate_config_data(data, source="t", base_dir=None).model_dump_json()
+    except ConfigError as exc:
+        return exc.errors
+
+
+def test_bad_limits_among_a_thousand_equal_good_ones_are_reported_at_their_own_path() -> None:
+    good, bad = {"high": 90, "high_high": 95, "deadband": 0.5}, {"high": 95, "high_high": 90, "deadband": 0.5}
+    limits = [dict(good) for _ in range(1000)]
+    limits[500] = dict(bad)
+    limits[998] = dict(bad)
+    data = plant(limits)
+    before = copy.deepcopy(data)
+    expected = "limits must rise low_low < low < high < high_high, but high=95.0 >= high_high=90.0"
+    assert loaded(data) == [f"channels[0].devices[0].points[{i}].limits: {expected}" for i in (500, 998)]
+    assert loaded(data) == long_way(data)
+    assert data == before  # the caller's document is left as it was
+
+
+def test_equal_limits_are_validated_once_and_held_once() -> None:
+    data = plant([{"high": 90, "delay": "5s"} for _ in range(1000)])
+    config = validate_config_data(data, source="t", base_dir=None)
+    first = config.points()[0][2].limits
+    assert first is not None and first.delay == 5.0 and first.model_fields_set == {"high", "delay"}
+    assert all(point.limits is first for _, _, point in config.points())
+    assert all(type(p["limits"]) is dict for p in data["channels"][0]["devices"][0]["points"])
+
+
+@pytest.mark.parametrize("values", [
+    [-0.0, 0.0, -0.0],  # equal in Python, not to the model: its sign is kept
+    [1, 1.0, True, "1"],  # equal in Python or alike; a model may take one and refuse another
+    [float("nan"), 5, float("inf")],
+])
+def test_mappings_that_only_look_alike_are_each_validated_as_written(values: list[Any]) -> None:
+    data = plant([{"low": v} for v in values] + [{"low": v} for v in values])
+    assert loaded(data) == long_way(data)
+    if all(type(v) is float for v in values) and not any(math.isnan(v) for v in values):
+        signs = [math.copysign(1, p.limits.low) for _, _, p in validate_config_data(  # type: ignore[union-attr]
+            data, source="t", base_dir=None).points()]
+        assert signs == [math.copysign(1, v) for v in values] * 2
+
+
+def test_a_document_with_a_validator_reading_raw_points_is_left_to_the_long_way() -> None:
+    data = {"agent": {"id": "a", "enterprise": "e"}, "channels": [{
+        "id": "m", "driver": "dlt645", "port": "/dev/ttyS0", "devices": [{"id": "meter", "address": "000000000001",
+                                                                          "points": [
+            {"id": f"E{i}", "di": "00010000", "limits": {"high": 90}} for i in range(3)]}]}]}
+    assert validated_once(AgentConfig, data) is data  # DL/T 645 points are read before the model does
+    assert loaded(data) == long_way(data)
+
+
+class _Part(BaseModel):
+    n: int = Field(strict=True)  # takes 1, refuses True and 1.0, all three equal in Python
+
+
+class _Item(BaseModel):
+    part: _Part | None = None
+
+
+class _Document(BaseModel):
+    items: list[_Item]
+
+
+def test_values_equal_in_python_but_of_other_types_are_not_taken_for_each_other() -> None:
+    data = {"items": [{"part": {"n": 1}}, {"part": {"n": True}}, {"part": {"n": 1.0}}, {"part": {"n": 1}}]}
+    shortcut = validated_once(_Document, data)
+    assert shortcut["items"][0]["part"] is shortcut["items"][3]["part"]  # the equal ones: one instance
+    with pytest.raises(ValidationError) as caught:
+        _Document.model_validate(shortcut)
+    assert [e["loc"] for e in caught.value.errors()] == [("items", 1, "part", "n"), ("items", 2, "part", "n")]

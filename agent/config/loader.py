@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from agent.config import yaml_stream
 from agent.config.base import CREDENTIALS, Model, Secret, SecretFile, read_secret
 from agent.config.models import AgentConfig
-from agent.config.sharing import share_equal_parts
+from agent.config.sharing import share_equal_parts, validated_once
 from agent.errors import ConfigError
 
 T = TypeVar("T")
@@ -148,7 +148,8 @@ def load_config_apart(path: Path | str) -> AgentConfig:
     if not data or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         # e.g. the loader ran out of memory and was killed: load here, to report what there is to report
         return load_config(path)
-    config = _answer(pickle.loads(data))  # our own child's answer, through our own pipe
+    with gc_paused():  # a collection every few thousand objects rebuilt would cost as much as rebuilding them
+        config = _answer(pickle.loads(data))  # our own child's answer, through our own pipe
     assert isinstance(config, AgentConfig)
     return config
 
@@ -190,7 +191,8 @@ async def run_apart(work: Callable[[], T]) -> T:
         raise
     if not answer or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         return await asyncio.to_thread(work)  # the child died (out of memory?): here, to say what there is
-    value: T = _answer(await in_thread(functools.partial(pickle.loads, answer)))
+    with gc_paused():  # as in load_config_apart
+        value: T = _answer(await in_thread(functools.partial(pickle.loads, answer)))
     return value
 
 
@@ -246,6 +248,10 @@ def _answer_and_exit(work: Callable[[], Any], read_end: int, write_end: int) -> 
     """In the child: answer through the pipe, never return into the caller's code."""
     code = 0
     try:
+        # the heap the parent gave is never garbage here: collections leave it alone (and its pages unwritten),
+        # and come every 50,000 new objects, not 700 (they cost a large configuration as much as validating it)
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         os.close(read_end)
         try:
             answer: tuple[str, Any] = ("ok", work())
@@ -331,18 +337,27 @@ def _depth(value: Any) -> int:
 
 def validate_config_data(data: dict[str, Any], *, source: str, base_dir: Path | None) -> AgentConfig:
     try:
-        config = AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        lines = format_validation_error(exc)
-        if len(lines) > MAX_ERRORS:
-            lines[MAX_ERRORS:] = [f"... and {len(lines) - MAX_ERRORS:,} more error(s)"]
-        raise ConfigError(source, lines) from None
+        # equal limits of 100,000 points validated once: the same result; where it fails, the long way says why
+        config = AgentConfig.model_validate(validated_once(AgentConfig, data))
+    except ValidationError:
+        config = _validate_each(data, source)
     if base_dir is not None:
         resolved = _resolve_paths(config, base_dir)
         assert isinstance(resolved, AgentConfig)
         config = resolved
     share_equal_parts(config)
     return config
+
+
+def _validate_each(data: dict[str, Any], source: str) -> AgentConfig:
+    """The document validated as written, every part where it stands; ConfigError naming each error's path."""
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = format_validation_error(exc)
+        if len(lines) > MAX_ERRORS:
+            lines[MAX_ERRORS:] = [f"... and {len(lines) - MAX_ERRORS:,} more error(s)"]
+        raise ConfigError(source, lines) from None
 
 
 def _resolve_paths(value: Any, base: Path) -> Any:
