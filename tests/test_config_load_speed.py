@@ -4,8 +4,10 @@ resolved, the same errors at the same paths, hostile nesting refused."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 from conftest import ROOT
 from pydantic import BaseModel, Field, ValidationError
 
-from agent.config.base import CREDENTIALS
+from agent.config.base import CREDENTIALS, Limits
 from agent.config.loader import format_validation_error, load_config, parse_config, validate_config_data
 from agent.config.models import AgentConfig
 from agent.config.sharing import validated_once
@@ -181,3 +183,33 @@ def test_values_equal_in_python_but_of_other_types_are_not_taken_for_each_other(
     with pytest.raises(ValidationError) as caught:
         _Document.model_validate(shortcut)
     assert [e["loc"] for e in caught.value.errors()] == [("items", 1, "part", "n"), ("items", 2, "part", "n")]
+
+
+LEVELS = ("low_low", "low", "high", "high_high")
+
+
+def first_out_of_order(given: dict[str, float]) -> str | None:
+    """The rule said plainly: the first two given levels, going up, of which the lower is not below the higher."""
+    present = [(name, given[name]) for name in LEVELS if given.get(name) is not None]
+    for (name_a, a), (name_b, b) in itertools.pairwise(present):
+        if a >= b:
+            return f"limits must rise low_low < low < high < high_high, but {name_a}={a} >= {name_b}={b}"
+    return None
+
+
+@pytest.mark.parametrize("values", list(itertools.product([None, 1.0, 2.0, 3.0], repeat=4)))
+def test_limits_out_of_order_name_the_first_pair_that_does_not_rise(values: tuple[float | None, ...]) -> None:
+    given = {name: v for name, v in zip(LEVELS, values, strict=True) if v is not None}
+    expected = first_out_of_order(given)
+    if expected is None:
+        limits = Limits.model_validate(given)
+        assert limits.any() == bool(given)
+    else:
+        with pytest.raises(ValidationError, match=re.escape(expected)):
+            Limits.model_validate(given)
+
+
+@pytest.mark.parametrize("name", ["high_high", "high", "low", "low_low", "rate_rise", "rate_fall"])
+def test_any_limit_or_rate_makes_limits_that_raise(name: str) -> None:
+    assert Limits.model_validate({name: 5.0}).any()
+    assert not Limits.model_validate({"deadband": 1, "delay": 2, "rate_window": 30}).any()
