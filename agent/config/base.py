@@ -6,7 +6,6 @@ secret file, when a connection asks for it (`read_secret`), never while a config
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import stat
@@ -32,6 +31,8 @@ _UNIT_SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 
 
 def parse_duration(value: Any) -> Any:
     """Accept 1.5, "500ms", "5s", "2m", "1h", "30d" and return seconds; other input goes to pydantic."""
+    if type(value) is float:  # the usual case, first
+        return value
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
@@ -174,16 +175,19 @@ class Limits(Model):
 
     @model_validator(mode="after")
     def _ordered(self) -> Limits:
-        chain = [(n, getattr(self, n)) for n in ("low_low", "low", "high", "high_high")]
-        present = [(n, v) for n, v in chain if v is not None]
-        for (name_a, a), (name_b, b) in itertools.pairwise(present):
-            if a >= b:
-                raise ValueError(f"limits must rise low_low < low < high < high_high, but {name_a}={a} >= {name_b}={b}")
+        below_name, below = "", None  # the highest level given so far, going up
+        for name, value in (("low_low", self.low_low), ("low", self.low), ("high", self.high),
+                            ("high_high", self.high_high)):
+            if value is not None:
+                if below is not None and below >= value:
+                    raise ValueError(f"limits must rise low_low < low < high < high_high, but {below_name}={below} "
+                                     f">= {name}={value}")
+                below_name, below = name, value
         return self
 
     def any(self) -> bool:
-        return any(v is not None for v in (self.high_high, self.high, self.low, self.low_low,
-                                            self.rate_rise, self.rate_fall))
+        return not (self.high_high is None and self.high is None and self.low is None and self.low_low is None
+                    and self.rate_rise is None and self.rate_fall is None)
 
 
 def _kept(limits: Limits | None) -> dict[str, float]:

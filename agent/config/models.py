@@ -303,7 +303,7 @@ class AgentConfig(Model):
     def _unique_ids(self) -> AgentConfig:
         errors: list[str] = []
         seen_channels: set[str] = set()
-        seen_points: dict[str, str] = {}
+        seen_points: dict[str, tuple[int, int, int]] = {}  # where each id is first, said only for a duplicate
         for ci, channel in enumerate(self.channels):
             if channel.id in seen_channels:
                 errors.append(f"channels[{ci}].id: duplicate channel id {channel.id!r}")
@@ -314,11 +314,12 @@ class AgentConfig(Model):
                     errors.append(f"channels[{ci}].devices[{di}].id: duplicate device id {device.id!r}")
                 seen_devices.add(device.id)
                 for pi, point in enumerate(device.points):
-                    where = f"channels[{ci}].devices[{di}].points[{pi}].id"
-                    if point.id in seen_points:
-                        errors.append(f"{where}: duplicate point id {point.id!r} (also at {seen_points[point.id]})")
-                    else:
-                        seen_points[point.id] = where
+                    here = (ci, di, pi)
+                    first = seen_points.setdefault(point.id, here)
+                    if first is not here:
+                        c0, d0, p0 = first
+                        errors.append(f"channels[{ci}].devices[{di}].points[{pi}].id: duplicate point id {point.id!r} "
+                                      f"(also at channels[{c0}].devices[{d0}].points[{p0}].id)")
         for ci, channel in enumerate(self.channels):
             for di, device in enumerate(getattr(channel, "devices", [])):
                 for pi, point in enumerate(device.points):

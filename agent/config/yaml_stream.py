@@ -112,7 +112,11 @@ def _construct(loader: Any, event: Any, quiet: bool) -> Any:
 
 def _value(loader: Any, doc: _Document, depth: int, quiet: bool) -> tuple[Any, int]:
     """The next value and its size in values, aliases expanded; `quiet`: a secret's, whose errors quote nothing."""
-    event: Any = loader.get_event()
+    return _value_of(loader, loader.get_event(), doc, depth, quiet)
+
+
+def _value_of(loader: Any, event: Any, doc: _Document, depth: int, quiet: bool) -> tuple[Any, int]:
+    """The value that starts with `event` (taken from the loader) and its size in values."""
     mark: Any = event.start_mark
     if isinstance(event, yaml.AliasEvent):
         name = "" if quiet else f" {event.anchor!r}"
@@ -157,8 +161,15 @@ def _value(loader: Any, doc: _Document, depth: int, quiet: bool) -> tuple[Any, i
 
 def _sequence(loader: Any, doc: _Document, depth: int, quiet: bool) -> list[Any]:
     items = []
+    seen = doc.seen
     while not loader.check_event(yaml.SequenceEndEvent):
-        items.append(_value(loader, doc, depth + 1, quiet)[0])
+        event = loader.get_event()
+        if type(event) is yaml.ScalarEvent and not event.anchor:  # as in _mapping
+            doc.written += 1
+            item = seen.get((event.value, event.tag, event.implicit, event.style), _MISSING)
+            items.append(item if item is not _MISSING else _scalar(loader, event, quiet, seen))
+        else:
+            items.append(_value_of(loader, event, doc, depth + 1, quiet)[0])
     loader.get_event()
     return items
 
@@ -166,10 +177,28 @@ def _sequence(loader: Any, doc: _Document, depth: int, quiet: bool) -> list[Any]
 def _mapping(loader: Any, doc: _Document, depth: int, quiet: bool) -> dict[Any, Any]:
     value: dict[Any, Any] = {}
     merged: list[dict[Any, Any]] = []
+    seen = doc.seen
     while not loader.check_event(yaml.MappingEndEvent):
-        key_mark = loader.peek_event().start_mark
-        key, _ = _value(loader, doc, depth + 1, quiet)
-        item, _ = _value(loader, doc, depth + 1, quiet or (isinstance(key, str) and key in doc.secret_keys))
+        # most keys and values are plain scalars read before: as _value_of and _scalar read them, in line
+        event = loader.get_event()
+        key_mark = event.start_mark
+        key = _MISSING
+        if type(event) is yaml.ScalarEvent and not event.anchor:
+            doc.written += 1
+            key = seen.get((event.value, event.tag, event.implicit, event.style), _MISSING)
+            if key is _MISSING:
+                key = _scalar(loader, event, quiet, seen)
+        else:
+            key, _ = _value_of(loader, event, doc, depth + 1, quiet)
+        secret = quiet or (isinstance(key, str) and key in doc.secret_keys)
+        event = loader.get_event()
+        if type(event) is yaml.ScalarEvent and not event.anchor:
+            doc.written += 1
+            item = seen.get((event.value, event.tag, event.implicit, event.style), _MISSING)
+            if item is _MISSING:
+                item = _scalar(loader, event, secret, seen)
+        else:
+            item, _ = _value_of(loader, event, doc, depth + 1, secret)
         if key == "<<" and isinstance(item, dict | list):
             # merged keys never override the mapping's own keys, wherever the merge stands
             merged.extend(item if isinstance(item, list) else [item])
