@@ -159,7 +159,7 @@ def test_decode_block_of_any_bytes_fills_every_member_or_raises_a_frame_error(
             assert values == [None] * len(device.points), "a refused block writes no value"
             continue
         assert len(raw) == size, f"{len(raw)} bytes decoded for a block of {size}"
-        for index, _, _ in block.members:
+        for index in block.points():
             assert value_fits(device.points[index], values[index]), (device.points[index], values[index])
 
 
@@ -289,7 +289,7 @@ def check_poll(read: DeviceRead, device: mb.ModbusDevice, recorded: Recorded,
     for function, data in recorded.taken:
         assert came_from_wire(function, data), f"data {data.hex(' ')} was never sent as a reply"
     for block in recorded.plan:
-        got = [read.values[i] for i, _, _ in block.members]
+        got = [read.values[i] for i in block.points()]
         assert all(v is None for v in got) or all(v is not None for v in got), "a block is read whole or not at all"
     if not read.errors:
         assert all(v is not None for v in read.values)

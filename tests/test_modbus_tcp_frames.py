@@ -197,6 +197,30 @@ def test_a_server_refusing_unused_addresses_inside_a_merged_block_is_read_withou
     assert again == [7, 8, 9]
 
 
+def test_a_block_without_gaps_refused_with_exception_2_is_an_error_not_a_gap() -> None:
+    async def reply(tid: int, unit: int, pdu: bytes) -> bytes | None:
+        return mbap(tid, unit, bytes([0x83, 2]))  # illegal data address, whatever is asked
+
+    async def main() -> tuple[list[object], list[str]]:
+        server, port = await serve(reply)
+        ch = ModbusTcpChannel.model_validate({
+            "id": "c1", "driver": "modbus_tcp", "host": "127.0.0.1", "port": port,
+            "devices": [{"id": "d1", "timeout": 0.5, "points": [  # one run of three registers: nothing bridged
+                {"id": "a", "address": 0}, {"id": "b", "address": 1}, {"id": "c", "address": 2}]}],
+        })
+        driver = ModbusTcpDriver(ch)
+        try:
+            read = await driver.read(ch.devices[0])
+        finally:
+            await driver.close()
+            server.close()
+        return read.values, read.errors
+
+    values, errors = asyncio.run(main())
+    assert values == [None, None, None]
+    assert len(errors) == 1 and "holding 0..2" in errors[0]
+
+
 # --- found by tests/test_fuzz_frames.py ------------------------------------------------------------------
 
 

@@ -154,10 +154,15 @@ class Block:
     table: str
     start: int
     count: int
-    # (index of the point in its device, decoder (None for bits and for points in a run), byte or bit offset)
+    # the points outside runs: (index of the point in its device, decoder (None for bits), byte or bit offset)
     members: list[Member] = field(default_factory=list)
-    # (index of the run's first point, how many, its unpack_from, byte offset)
-    runs: list[tuple[int, int, Callable[[bytes, int], tuple[Any, ...]], int]] = field(default_factory=list)
+    # (index of the run's first point, how many, its unpack_from, byte offset, registers its points use); a run's
+    # points have no member of their own (1,000 points of a device: 90 kB less)
+    runs: list[tuple[int, int, Callable[[bytes, int], tuple[Any, ...]], int, int]] = field(default_factory=list)
+
+    def points(self) -> list[int]:
+        """The index of every point the block reads."""
+        return [*(m[0] for m in self.members), *(i for run in self.runs for i in range(run[0], run[0] + run[1]))]
 
     @property
     def function(self) -> int:
@@ -193,8 +198,7 @@ def _compile(block: Block, entries: list[tuple[int, ModbusPoint, int]]) -> None:
                 fmt += (f"{offset - end}x" if offset > end else "") + _STRUCT_CHAR[point.type]
                 end = offset + REGISTERS[point.type] * 2
             unpack = _STRUCTS.setdefault(fmt, struct.Struct(fmt)).unpack_from
-            block.runs.append((run[0][0], len(run), unpack, run[0][2]))
-            block.members.extend((index, None, offset) for index, _, offset in run)
+            block.runs.append((run[0][0], len(run), unpack, run[0][2], sum(REGISTERS[p.type] for _, p, _ in run)))
         run.clear()
 
     for entry in entries:
@@ -252,7 +256,7 @@ def gapless_plan(device: ModbusDevice) -> list[Block]:
 
 def refused_for_a_gap(exc: ModbusError, block: Block, device: ModbusDevice) -> bool:
     """Exception 2 on a block that bridges unused addresses: read it again without the gaps."""
-    used = sum(device.points[index].width() for index, _, _ in block.members)
+    used = sum(device.points[index].width() for index, _, _ in block.members) + sum(run[4] for run in block.runs)
     return exc.code == 2 and used < block.count
 
 
@@ -314,7 +318,7 @@ def decode_block(block: Block, data: bytes, values: list[Any]) -> None:
         for index, _, bit in block.members:
             values[index] = bool(data[bit >> 3] & (1 << (bit & 7)))
         return
-    for first, count, unpack, offset in block.runs:
+    for first, count, unpack, offset, _ in block.runs:
         values[first:first + count] = unpack(data, offset)
     for index, decode, offset in block.members:
         if decode is not None:
