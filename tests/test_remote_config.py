@@ -336,6 +336,8 @@ def test_a_push_that_silences_most_devices_rolls_back_and_they_answer_again(runn
     platform, agent, config = running
     from conftest import free_port
 
+    wait_until(lambda: {r.point for r in platform.readings() if r.quality == "good"} >= {"P00000", "P00020", "P00040"},
+               30, "every device answering before the push")
     new = copy.deepcopy(config)
     for channel in new["channels"][:2]:
         channel["port"] = free_port()  # two of the three devices' servers are not there
