@@ -86,6 +86,20 @@ def test_archived_and_acknowledged_messages_leave_the_outbox(tmp_path: Path) -> 
         assert [r.seq for r in store.fetch(0)] == [seqs[3]]
 
 
+def test_archived_messages_can_leave_in_steps_after_the_mark(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        seqs = [store.append(KIND_DATA, 1, b'"readings":[]}') for _ in range(25)]
+        store.ack(seqs[:20])
+        store.write_chunks([], mark=seqs[14], drop=False)
+        assert store.archive_mark() == seqs[14] and not store.archive_partial()
+        assert len(list(store.data_rows_after(0))) == 25  # all still there, none read for the archive again
+        assert [s for s, _ in store.data_rows_after(store.archive_mark())] == seqs[15:]
+        assert [store.drop_archived(seqs[14], 6) for _ in range(4)] == [6, 6, 3, 0]
+        # acknowledged but after the mark, and not acknowledged: kept
+        assert [s for s, _ in store.data_rows_after(0)] == seqs[15:]
+        assert [r.seq for r in store.fetch(0)] == seqs[20:]
+
+
 @pytest.mark.parametrize("text", ["1h", "30m", "2d"])
 def test_history_times_ago(text: str) -> None:
     from agent.store.history import parse_time

@@ -7,6 +7,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from agent.config.loader import parse_config
 from agent.config.models import AgentConfig
 from agent.core import GOOD, KIND_ALARM, KIND_DATA, ReadingBatch
@@ -144,6 +146,34 @@ def test_on_off_points_stay_booleans_after_a_recovery_started_by_upkeep(tmp_path
         pipeline.archive_flush()
         assert [repr(s.value) for s in store.history("SW-1", 0, 10_000)] == ["True"]  # not 1.0
         assert [repr(s.value) for s in store.history("LT-101", 0, 10_000)] == ["1.0"]
+
+
+def test_the_minute_flush_drops_archived_messages_in_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import agent.pipeline.ingest as ingest
+
+    monkeypatch.setattr(ingest, "_DROP_STEP", 3)  # 10 messages: four steps, the loop turning between them
+    cfg = config().model_copy(update={"store": config().store.model_copy(update={"archive_interval": 1.0})})
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(cfg, store)
+        pipeline.max_readings = 3
+        for n in range(10):
+            pipeline.ingest(batch(1000 + n, [n / 2, 2.0, True]))
+        store.append(KIND_DATA, 1, b'"readings":[]}')  # not acknowledged: stays
+        assert store.ack(row.seq for row in store.fetch(0, limit=10)) == 10
+
+        async def one_flush() -> None:
+            task = asyncio.create_task(pipeline.archive_loop())
+            for _ in range(300):  # bounded: 3 s
+                await asyncio.sleep(0.01)
+                if store.archive_mark() and store.backlog().messages == 1 and len(list(store.data_rows_after(0))) == 1:
+                    break
+            task.cancel()
+
+        asyncio.run(one_flush())
+        assert [s.value for s in store.history("LT-101", 0, 10_000)] == [n / 2 for n in range(10)]
+        assert len(list(store.data_rows_after(0))) == 1  # the archived, acknowledged ten are gone
 
 
 def test_a_flush_cut_short_by_a_crash_is_not_archived_twice(tmp_path: Path) -> None:

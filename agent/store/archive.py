@@ -66,10 +66,12 @@ class Archive(PointMaps):
         row = self.db.execute("SELECT is_bool FROM point WHERE id = ?", (point_id,)).fetchone()
         return None if row is None else bool(row[0])
 
-    def write_chunks(self, chunks: Iterable[Row], mark: int | None) -> int:
+    def write_chunks(self, chunks: Iterable[Row], mark: int | None, *, drop: bool = True) -> int:
         """Store archive chunks (by point id) in one transaction. A flush may come in several: the last one
-        gives `mark` and drops the acknowledged data messages up to it (now archived); until then the store
-        says a flush is under way, so a start after a crash does not archive twice what it finds written."""
+        gives `mark` and (with `drop`) drops the acknowledged data messages up to it (now archived); until then
+        the store says a flush is under way, so a start after a crash does not archive twice what it finds
+        written. Without `drop` the caller drops them in steps (`drop_archived`): messages up to the mark are
+        never read for the archive again, whenever they go."""
         chunks = list(chunks)
         keys = self.point_keys(sorted({c[0] for c in chunks}))
         with self.transaction():
@@ -84,8 +86,16 @@ class Archive(PointMaps):
             else:
                 self.set_meta("archive_mark", mark)
                 self.db.execute("DELETE FROM meta WHERE key = 'archive_partial'")
-                self.db.execute("DELETE FROM outbox WHERE kind = 1 AND acked = 1 AND seq <= ?", (mark,))
+                if drop:
+                    self.db.execute("DELETE FROM outbox WHERE kind = 1 AND acked = 1 AND seq <= ?", (mark,))
         return written
+
+    def drop_archived(self, mark: int, limit: int) -> int:
+        """Drop at most `limit` acknowledged data messages up to `mark` (archived); returns how many went."""
+        with self.transaction():
+            cur = self.db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE kind = 1 "
+                                  "AND acked = 1 AND seq <= ? ORDER BY seq LIMIT ?)", (mark, limit))
+        return int(cur.rowcount)
 
     def archive_partial(self) -> bool:
         """A flush began and did not end (the agent was killed in it): some of its chunks may be written."""
