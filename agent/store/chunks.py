@@ -280,7 +280,8 @@ class ArchiveBuffer:
         rows are encoded as they are taken, so a caller may pause between them."""
         blocks, series_of = self._blocks, self._series
         self._blocks, self._series, self.count = {}, {}, 0
-        for first, block in blocks.items():
+        while blocks:  # each block let go once taken: a flush of 100,000 points never holds two minutes at once
+            first, block = blocks.popitem()
             stamps = block.stamps
             if any(stamps[i] > stamps[i + 1] for i in range(len(stamps) - 1)) or any(
                     self._ids[first + k] in series_of for k in range(block.width)):
