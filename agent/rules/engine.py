@@ -39,7 +39,7 @@ class AlarmEngine:
     def __init__(self, table: PointTable, config: AgentConfig | None = None) -> None:
         self.table = table
         n = len(table)
-        self._latching = self._latching_ids(config)
+        self._latching, faults = self._walk(config)
         # the quiet band of each point: strictly between these, no limit rule can change state; a point whose
         # rules are not all settled (normal, no on-delay running) gets an empty band (+inf, -inf)
         self._lo = array("d", [_INF]) * n
@@ -71,13 +71,20 @@ class AlarmEngine:
         self._rates.ready()
         self._rate_slot = array("i", self._rates.slot_of)
         if config is not None:
-            self._domain_rules(config)
+            self._domain_rules(config, faults)
 
     @staticmethod
-    def _latching_ids(config: AgentConfig | None) -> set[str]:
-        if config is None:
-            return set()
-        return {p.id for p in config.each_point() if p.latches()}
+    def _walk(config: AgentConfig | None) -> tuple[set[str], list[tuple[str, str]]]:
+        """One walk over the points (each is rebuilt from its packed columns): the ids of the latching ones, and
+        (status point, detector) for every detector fault status."""
+        latching: set[str] = set()
+        faults: list[tuple[str, str]] = []
+        for point in config.each_point() if config is not None else ():
+            if point.latches():
+                latching.add(point.id)
+            if point.fault_of is not None:
+                faults.append((point.id, point.fault_of))
+        return latching, faults
 
     def _band(self, info: PointInfo) -> tuple[float, float]:
         """Values strictly between these raise no four-level limit of the point."""
@@ -123,12 +130,11 @@ class AlarmEngine:
         if rule.kind != "rate":  # a rate rule is found through its point
             self._named[rule.id] = rule
 
-    def _domain_rules(self, config: AgentConfig) -> None:
+    def _domain_rules(self, config: AgentConfig, faults: list[tuple[str, str]]) -> None:
         by_id = self.table.by_id
-        for point in config.each_point():
-            if point.fault_of is not None:
-                status, target = by_id[point.id], by_id[point.fault_of]
-                self._add(status, FaultRule(target, "fault", 1, None, 0.0, False))
+        for status_id, detector in faults:
+            status, target = by_id[status_id], by_id[detector]
+            self._add(status, FaultRule(target, "fault", 1, None, 0.0, False))
         for zone in config.zones:
             info = by_id[zone.head_count]
             self._add(info, CrowdingRule(info, zone.id, zone.color, zone.limit, zone.duration))
