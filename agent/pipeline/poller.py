@@ -20,6 +20,7 @@ from agent.core import DeviceRead, ReadingBatch
 from agent.drivers import registry
 from agent.drivers.registry import Driver
 from agent.pipeline.decode import DeviceClock, bad_batch, decode
+from agent.pipeline.pace import Pace
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Poller:
     ingest: Callable[[ReadingBatch], None]
     polled: Callable[[DeviceSlot, int], None] = lambda slot, ts: None  # every slot, read or not (online rates)
     drivers: dict[str, Driver] = field(default_factory=dict)
+    pace: Pace = field(default_factory=Pace)  # one for every channel: the budget is a turn of the loop
     devices: list[DeviceState] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +105,9 @@ class Poller:
                     if dev.retired:
                         return  # a new configuration took this channel over while it read: its slots are gone
                     dev.round_trip = loop.time() - began
+                    await self.pace.turn()
+                    if dev.retired:
+                        return
                     dev.polls += 1
                     if read is None:
                         self.ingest(bad_batch(dev.slot.indices, ts))
