@@ -8,6 +8,7 @@ It never touches the store or the network: the store keeps the maps and the bodi
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from typing import Any
@@ -131,10 +132,15 @@ class CompactEncoder:
     def __init__(self, identity: str, table: PointTable) -> None:
         self.map = PointMap(table)
         size = len(table)
-        self._device = [0] * size  # global index -> device number in the map
-        self._offset = [0] * size  # global index -> place in its device's list
+        # arrays, not lists of ints: 100,000 int objects would cost 2.8 MB each
+        self._device = array("i", bytes(4 * size))  # global index -> device number in the map
+        self._offset = array("i", bytes(4 * size))  # global index -> place in its device's list
         self._fmt = [p.json_float for p in table.points]
-        self._all = list(range(size))
+        # every index by itself, for slice comparisons; the int objects are the map's own, not new ones
+        self._all: list[int] = [0] * size
+        for indices in self.map.indices:
+            for i in indices:
+                self._all[i] = i
         self._start: list[int] = []  # first global index of a device whose points are consecutive, else -1
         self._fmts: list[list[str]] = []  # each device's formats, in its order
         for d, indices in enumerate(self.map.indices):

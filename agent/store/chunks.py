@@ -4,7 +4,8 @@ A chunk holds sample times as deltas of deltas, the quality codes, and values XO
 float32 when that loses nothing), split into byte planes, then zlib; a 1 s point costs 3 to 5 bytes per
 reading. The buffer keeps a device's polls as columns (one sample time per poll, its points' values side by
 side in typed arrays), so a poll is added with a few C calls and a device's time column is encoded once for
-all its points.
+all its points; a thousand values gathered are deflated at once (each poll XOR the one before), so the minute
+between flushes is held compressed, not raw.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _NAN32 = struct.unpack("<I", struct.pack("<f", math.nan))[0]
 _BIG = sys.byteorder == "big"
 # deflate never inflates more than 1032 to 1: what a chunk of n bytes can hold at most, whatever its header says
 _MAX_INFLATE = 1032
+_SEAL_VALUES = 1000  # a buffer block deflates its polls once this many values wait (a poll of 1,000 points)
 
 Row = tuple[str, int, int, int, bytes]  # point id, first and last sample time, count, chunk
 
@@ -200,20 +202,65 @@ class _Series:
 
 
 class _Block:
-    """The polls of one run of consecutive points: one sample time per poll, values poll after poll."""
+    """The polls of one run of consecutive points: one sample time per poll, values poll after poll. Once a
+    thousand values wait, they are sealed: each poll XOR the one before, in byte planes, deflated (a value that
+    does not change costs almost nothing, a noisy float32 about 3 bytes instead of 4)."""
 
-    __slots__ = ("qualities", "stamps", "values", "width")
+    __slots__ = ("prev", "qualities", "sealed", "stamps", "values", "width")
 
     def __init__(self, width: int) -> None:
         self.width = width
         self.stamps = array("q")
         # float32 while every value is one exactly (most field values): a minute of 10,000 points in 2.4 MB less
-        self.values: array[float] = array("f")
+        self.values: array[float] = array("f")  # the polls not sealed yet
+        self.sealed: list[tuple[int, int, bytes]] = []  # (word width, polls, deflated planes), oldest first
+        self.prev = 0  # the last sealed poll's words as one integer, what the next poll is XORed with
         self.qualities = bytearray()  # empty while every reading was good (the usual minute): 60 bytes a point less
 
     def qualities_of(self, k: int) -> bytes:
         """The k-th point's quality column."""
         return bytes(self.qualities[k::self.width]) if self.qualities else bytes(len(self.stamps))
+
+    def seal(self) -> None:
+        """Deflate the polls waiting, each XOR the poll before (across seals, while the word width is the same)."""
+        values = self.values
+        if not values:
+            return
+        if _BIG:
+            values = array(values.typecode, values)
+            values.byteswap()
+        data = values.tobytes()
+        size = len(data)
+        row = self.width * values.itemsize * 8  # bits of one poll
+        words = int.from_bytes(data, "little")
+        # each poll XOR the one before it (rows are little-endian, so the one before sits a row lower)
+        xored = (words ^ (words << row) ^ self.prev) & ((1 << (8 * size)) - 1)
+        self.prev = words >> (row * (len(values) // self.width - 1))
+        # run-length matches only: the planes of a noisy value have none longer, and it is the fastest search
+        deflate = zlib.compressobj(1, zlib.DEFLATED, 12, 8, zlib.Z_RLE)
+        planes = _shuffle(xored.to_bytes(size, "little"), values.itemsize)
+        self.sealed.append((values.itemsize, len(values) // self.width, deflate.compress(planes) + deflate.flush()))
+        self.values = array(self.values.typecode)
+
+    def all_values(self) -> array[float]:
+        """Every poll's values, sealed or not, poll after poll (float64 if any poll needed it)."""
+        wide = self.values.typecode == "d" or any(width == 8 for width, _, _ in self.sealed)
+        out: array[float] = array("d" if wide else "f")
+        row_bytes, prev, last_width = 0, 0, 0
+        for width, polls, blob in self.sealed:
+            if width != last_width:
+                prev, last_width = 0, width  # the XOR chain begins again with the wider words
+            row_bytes = self.width * width
+            raw = _unshuffle(zlib.decompress(blob), width)
+            words = array("f" if width == 4 else "d")
+            for k in range(polls):
+                prev ^= int.from_bytes(raw[k * row_bytes:(k + 1) * row_bytes], "little")
+                words.frombytes(prev.to_bytes(row_bytes, "little"))
+            if _BIG:
+                words.byteswap()
+            out.extend(words if words.typecode == out.typecode else array(out.typecode, words))
+        out.extend(self.values if self.values.typecode == out.typecode else array(out.typecode, self.values))
+        return out
 
 
 class ArchiveBuffer:
@@ -248,19 +295,31 @@ class ArchiveBuffer:
             if block is not None:  # the device's point list changed: its earlier polls go per point
                 self._unblock(first, block, self._series)
             block = self._blocks[first] = _Block(width)
-        try:
-            wide = array("d", values)
-        except (TypeError, ValueError, OverflowError):  # None (a bad reading) or a value no float holds
-            wide = array("d", [_as_float(v) for v in values])
+        narrow: array[float] | None = None
         if block.values.typecode == "f":
-            narrow = array("f", wide)
-            if array("d", narrow).tobytes() == wide.tobytes():
-                block.values.extend(narrow)
-            else:  # a value float32 cannot hold exactly: the block goes to float64, its earlier values too
-                block.values = array("d", block.values)
+            try:  # the usual poll: float32 values, good; compared as floats, an array to a list costs least
+                narrow = array("f", values)
+                if narrow.tolist() != values:
+                    narrow = None
+            except (TypeError, ValueError, OverflowError):
+                narrow = None
+        if narrow is None:
+            try:
+                wide = array("d", values)
+            except (TypeError, ValueError, OverflowError):  # None (a bad reading) or a value no float holds
+                wide = array("d", [_as_float(v) for v in values])
+            if block.values.typecode == "f":
+                narrow = array("f", wide)
+                if array("d", narrow).tobytes() != wide.tobytes():
+                    # a value float32 cannot hold exactly: the block goes to float64 from this poll on
+                    block.seal()
+                    block.values, block.prev, narrow = array("d"), 0, None  # the XOR chain begins again
+            if narrow is None:
                 block.values.extend(wide)
-        else:
-            block.values.extend(wide)
+        if narrow is not None:
+            block.values.extend(narrow)
+        if len(block.values) >= _SEAL_VALUES:
+            block.seal()
         if block.qualities:
             block.qualities.extend(qualities)
         elif any(qualities):  # the first reading not good: the polls before it were all good (GOOD is 0)
@@ -270,9 +329,9 @@ class ArchiveBuffer:
         self.count += width
 
     def _unblock(self, first: int, block: _Block, series_of: dict[str, _Series]) -> None:
-        width, stamps = block.width, block.stamps
+        width, stamps, values = block.width, block.stamps, block.all_values()
         for k in range(width):
-            _spread(series_of, [self._ids[first + k]] * len(stamps), stamps, block.values[k::width],
+            _spread(series_of, [self._ids[first + k]] * len(stamps), stamps, values[k::width],
                     block.qualities_of(k))
 
     def take(self) -> Iterator[Row]:
@@ -288,10 +347,10 @@ class ArchiveBuffer:
                 self._unblock(first, block, series_of)  # the clock stepped back, or readings apart too
                 continue
             time_part = _time_part(stamps)
-            width, n = block.width, len(stamps)
+            width, n, values = block.width, len(stamps), block.all_values()
             for k in range(width):
                 yield (self._ids[first + k], stamps[0], stamps[-1], n,
-                       _chunk(n, stamps[0], time_part, block.qualities_of(k), block.values[k::width]))
+                       _chunk(n, stamps[0], time_part, block.qualities_of(k), values[k::width]))
         for key, series in series_of.items():
             yield series.rows(key)
 
