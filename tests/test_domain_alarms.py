@@ -4,6 +4,7 @@ change, detector fault, crowding, production during an ordered shutdown, daily e
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -116,6 +117,36 @@ def test_rate_of_rise_over_its_window() -> None:
     for t in range(130, 260, 5):  # steady again
         events += feed(eng, t, "LT-101", level)
     assert events[-1] == ("LT-101/rate", "cleared")
+
+
+def _rate_run(start_s: float) -> list[tuple[float, str, str, float]]:
+    """The rate scenario above from `start_s` (wall seconds): when each event came, relative to the start."""
+    eng, _ = engine()
+    info = eng.table.by_id["LT-101"]
+    out: list[tuple[float, str, str, float]] = []
+    level = 5.0
+    for t in range(0, 260, 5):
+        level += 0.1 if 65 <= t < 130 else 0.3 * 5 / 60 if t <= 60 else 0.0
+        for e in eng.evaluate(ReadingBatch(round((start_s + t) * 1000), [info.index], [level], [GOOD])):
+            out.append((e.ts / 1000 - start_s, e.id, e.state, round(e.value, 6)))
+    return out
+
+
+def test_rate_samples_kept_in_32_bits_go_on_across_the_point_where_they_count_from_again() -> None:
+    # the table counts sample times in 32-bit ms from a base; 24.8 days on (or a clock set from 1970 to now)
+    # it counts from again, and a trend that spans that moment is judged as any other
+    now = time.time()
+    plain = _rate_run(now)
+    assert [(e[1], e[2]) for e in plain] == [("LT-101/rate", "raised"), ("LT-101/rate", "cleared")]
+    assert _rate_run(now + (2**31 - 100_000) / 1000) == plain  # the fast rise crosses the 32-bit edge
+    assert _rate_run(now - (2**31 - 100_000) / 1000) == plain
+    eng, _ = engine()
+    info = eng.table.by_id["LT-101"]
+    for t in range(0, 61, 5):  # a box without a clock: 1970, steady
+        eng.evaluate(ReadingBatch(t * 1000, [info.index], [5.0], [GOOD]))
+    for t in range(0, 61, 5):  # time comes from the network: the samples from 1970 are far outside the window
+        events = eng.evaluate(ReadingBatch(round((now + t) * 1000), [info.index], [5.5], [GOOD]))
+        assert events == []
 
 
 def test_a_quiet_rate_rule_has_no_object_until_its_rate_goes_beyond() -> None:
