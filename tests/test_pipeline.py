@@ -5,6 +5,7 @@ alarm events held while the store refuses writes, the archive, and recovery from
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,43 @@ def test_the_minute_flush_drops_archived_messages_in_steps(tmp_path: Path, monke
         asyncio.run(one_flush())
         assert [s.value for s in store.history("LT-101", 0, 10_000)] == [n / 2 for n in range(10)]
         assert len(list(store.data_rows_after(0))) == 1  # the archived, acknowledged ten are gone
+
+
+def test_a_stop_in_the_middle_of_a_flush_still_archives_every_reading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # slices are encoded on a worker thread: a stop that comes while one is under way waits for it, then writes
+    # the rest of the minute with the mark, nothing taken twice and nothing left out
+    import asyncio
+
+    import agent.pipeline.ingest as ingest
+
+    monkeypatch.setattr(ingest, "_ARCHIVE_SLICE", 1)  # three points: three slices, the loop turning between them
+    cfg = config().model_copy(update={"store": config().store.model_copy(update={"archive_interval": 0.05})})
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(cfg, store)
+        for n in range(20):
+            pipeline.ingest(batch(1000 + n, [n / 2, 2.0 + n, n % 2 == 0]))
+
+        async def stop_mid_flush() -> int:
+            task = asyncio.create_task(pipeline.archive_loop())
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0)
+                if store.archive_partial():  # a slice is written, not every one
+                    break
+            archived = store.archive_stats()[0]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return archived
+
+        assert 0 < asyncio.run(stop_mid_flush()) < 60
+        assert store.archive_stats()[0] == 60  # all of them, each once
+        assert store.archive_mark() == store.last_seq() and not store.archive_partial()
+        assert [s.value for s in store.history("LT-101", 0, 10_000)] == [n / 2 for n in range(20)]
+        assert [s.value for s in store.history("LT-102", 0, 10_000)] == [2.0 + n for n in range(20)]
+        assert [s.value for s in store.history("SW-1", 0, 10_000)] == [n % 2 == 0 for n in range(20)]
+        assert pipeline.archive.count == 0
 
 
 def test_a_flush_cut_short_by_a_crash_is_not_archived_twice(tmp_path: Path) -> None:

@@ -9,13 +9,14 @@ something new is in the store.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from typing import Any
 
 import orjson
@@ -36,6 +37,10 @@ _UNKNOWN = 255
 _MAX_UNSTORED_EVENTS = 100_000  # alarm events held in memory while the store refuses writes
 _DROP_STEP = 1000  # archived messages deleted a step (about 5 ms)
 _ARCHIVE_SLICE = 250  # archive chunks encoded and written per turn of the loop (about 10 ms)
+
+
+def _next_slice(rows: Iterator[Row]) -> list[Row]:
+    return list(islice(rows, _ARCHIVE_SLICE))
 
 
 @dataclass
@@ -405,6 +410,15 @@ class Pipeline:
         """Flush the archive every archive_interval, a few hundred chunks per transaction and per turn of the
         loop, so a 100,000-point flush never holds up polls, alarms or the other writers."""
         interval = self.config.store.archive_interval
+        # slices are encoded on a thread of their own: zlib lets go of the interpreter lock, so most of a flush
+        # runs on another core while the loop polls; each slice is written here, on the loop's own connection
+        encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="archive encoder")
+        try:
+            await self._archive_every(interval, encoder)
+        finally:
+            encoder.shutdown(wait=False)
+
+    async def _archive_every(self, interval: float, encoder: concurrent.futures.Executor) -> None:
         while True:
             await asyncio.sleep(interval)
             interval = self.config.store.archive_interval  # a new configuration may change it
@@ -413,16 +427,20 @@ class Pipeline:
             if self._archive_count() == 0:
                 continue
             mark = self.store.last_seq()
-            rows: list[Row] = []
             taking = self._take_archive()
+            rows: list[Row] = []
             try:
-                for row in taking:
-                    rows.append(row)
-                    if len(rows) == _ARCHIVE_SLICE:
-                        self.store.attempt("writing the archive", functools.partial(self.store.write_chunks, rows,
-                                                                                    None))
-                        rows = []
-                        await asyncio.sleep(0)
+                while True:
+                    encoding = encoder.submit(_next_slice, taking)
+                    try:
+                        rows = await asyncio.wrap_future(encoding)
+                    except asyncio.CancelledError:
+                        rows = encoding.result()  # the slice under way ends first: the generator is not shared
+                        raise
+                    if len(rows) < _ARCHIVE_SLICE:
+                        break
+                    self.store.attempt("writing the archive", functools.partial(self.store.write_chunks, rows, None))
+                    rows = []
             except asyncio.CancelledError:
                 rows.extend(taking)  # stopping: what was taken must still be written
                 self.store.attempt("writing the archive", functools.partial(self.store.write_chunks, rows, mark))
