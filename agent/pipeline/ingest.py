@@ -435,7 +435,10 @@ class Pipeline:
                     try:
                         rows = await asyncio.wrap_future(encoding)
                     except asyncio.CancelledError:
-                        rows = encoding.result()  # the slice under way ends first: the generator is not shared
+                        try:
+                            rows = encoding.result()  # a slice under way ends first: the generator is not shared
+                        except concurrent.futures.CancelledError:
+                            rows = []  # the slice never began (the stop cancelled it): its rows are still to take
                         raise
                     if len(rows) < _ARCHIVE_SLICE:
                         break
