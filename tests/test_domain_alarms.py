@@ -139,7 +139,7 @@ def test_rate_samples_kept_in_32_bits_go_on_across_the_point_where_they_count_fr
     plain = _rate_run(now)
     assert [(e[1], e[2]) for e in plain] == [("LT-101/rate", "raised"), ("LT-101/rate", "cleared")]
     assert _rate_run(now + (2**31 - 100_000) / 1000) == plain  # the fast rise crosses the 32-bit edge
-    assert _rate_run(now - (2**31 - 100_000) / 1000) == plain
+    assert _rate_run(now - (2**31 + 100_000) / 1000) == plain  # begins beyond it, backwards
     eng, _ = engine()
     info = eng.table.by_id["LT-101"]
     for t in range(0, 61, 5):  # a box without a clock: 1970, steady
@@ -147,6 +147,22 @@ def test_rate_samples_kept_in_32_bits_go_on_across_the_point_where_they_count_fr
     for t in range(0, 61, 5):  # time comes from the network: the samples from 1970 are far outside the window
         events = eng.evaluate(ReadingBatch(round((now + t) * 1000), [info.index], [5.5], [GOOD]))
         assert events == []
+
+
+@pytest.mark.parametrize("back_s", [3600, 30 * 86400])
+def test_a_clock_stepped_back_starts_the_trend_again_and_the_rule_still_judges(back_s: int) -> None:
+    # samples kept before the step lie in the future: judged from them, no rate would ever be due again
+    eng, _ = engine()
+    info = eng.table.by_id["LT-101"]
+    start = time.time() + back_s
+    for t in range(0, 61, 5):
+        assert eng.evaluate(ReadingBatch(round((start + t) * 1000), [info.index], [5.0], [GOOD])) == []
+    start -= back_s
+    level, events = 5.0, []
+    for t in range(0, 70, 5):  # 1.2 m/min from just after the step
+        level += 0.1
+        events += eng.evaluate(ReadingBatch(round((start + t) * 1000), [info.index], [level], [GOOD]))
+    assert [(e.id, e.state) for e in events] == [("LT-101/rate", "raised")]
 
 
 def test_a_quiet_rate_rule_has_no_object_until_its_rate_goes_beyond() -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from typing import Any
+
+import pytest
 
 from agent.config.loader import parse_config
 from agent.config.points import PointTable
@@ -138,3 +141,74 @@ def test_every_poll_put_off_still_reaches_ingest_whole_with_its_own_sample_time(
         for b in mine:
             assert b.indices == slot.indices and b.qualities == [GOOD] * 20
             assert b.values == [100.0 * int(ids[i][1]) + int(ids[i].split("-")[1]) for i in b.indices]
+
+
+async def _gated_relay(target_port: int, held: list[tuple[asyncio.StreamWriter, bytes]],
+                       three: asyncio.Event) -> asyncio.Server:
+    """A TCP relay to a device server that holds every answer in `held` until the test lets them go together;
+    `three` is set once three are held."""
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", target_port)
+
+        async def up() -> None:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    server_w.write(await client_r.readexactly(12))  # a read request is 12 bytes
+
+        async def down() -> None:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    head = await server_r.readexactly(7)
+                    held.append((client_w, head + await server_r.readexactly(struct.unpack(">H", head[4:6])[0] - 1)))
+                    if len(held) >= 3:
+                        three.set()
+
+        await asyncio.gather(up(), down())
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+class _StopWhenPutOff(Pace):
+    """A pace whose first poll put off is stopped while it waits (as a stop of the agent would)."""
+
+    async def turn(self) -> None:
+        task = asyncio.current_task()
+        if self._began is not None and task is not None:
+            task.cancel()
+        await super().turn()
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_answers_that_come_together_are_put_off_and_a_stop_keeps_the_reads_done(stop: bool) -> None:
+    config = parse_config(CONFIG)
+    batches: list[ReadingBatch] = []
+
+    async def scenario() -> Pace:
+        async with PlantSimulator(config, ports={c.id: 0 for c in config.channels}) as sim:
+            held: list[tuple[asyncio.StreamWriter, bytes]] = []
+            three = asyncio.Event()
+            relays = [await _gated_relay(sim.ports[ch.id], held, three) for ch in config.channels]
+            channels = [ch.model_copy(update={"port": r.sockets[0].getsockname()[1]})
+                        for ch, r in zip(config.channels, relays, strict=True)]
+            table = PointTable(config.model_copy(update={"channels": channels}))
+            pace = _StopWhenPutOff(budget=0.0) if stop else Pace(budget=0.0)
+            poller = Poller(table, batches.append, pace=pace)
+            tasks = [asyncio.create_task(poller.run_channel(ch)) for ch in channels]
+            await asyncio.wait_for(three.wait(), 10)  # each device's first poll, answered and held
+            assert len(held) == 3
+            for writer, answer in held:  # the three answers leave in one turn of the loop
+                writer.write(answer)
+            await asyncio.wait(tasks, timeout=0.5 if stop else 0.2)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for relay in relays:
+                relay.close()
+            return pace
+
+    pace = asyncio.run(scenario())
+    assert pace.deferred >= 1  # the answers came in one turn: the polls after the first waited for another
+    firsts = sorted(b.indices[0] for b in batches[:3])
+    assert firsts == [0, 20, 40]  # every device's first poll reached ingest, the ones put off (and stopped) too
+    assert all(b.qualities == [GOOD] * 20 for b in batches)

@@ -214,6 +214,54 @@ def test_a_stop_in_the_middle_of_a_flush_still_archives_every_reading(
         assert pipeline.archive.count == 0
 
 
+def test_a_stop_while_a_slice_waits_for_the_encoder_still_archives_every_reading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the encoder thread is still busy when the stop comes: the slice asked of it never begins (the stop cancels
+    # it), and its rows must be written with the rest, not left in a generator nobody reads again
+    import asyncio
+    import concurrent.futures
+    import threading
+
+    gate = threading.Event()
+    asked: list[concurrent.futures.Future[object]] = []
+    waiting: list[asyncio.Event] = []
+
+    class BusyEncoder(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(1)
+            super().submit(gate.wait, 10)  # busy with something else until the test lets it go
+
+        def submit(self, fn: object, /, *args: object, **kwargs: object) -> concurrent.futures.Future[object]:
+            future = super().submit(fn, *args, **kwargs)  # type: ignore[arg-type]
+            asked.append(future)
+            for event in waiting:
+                event.set()  # called on the loop's thread: the archive loop asks from there
+            return future
+
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", BusyEncoder)
+    cfg = config().model_copy(update={"store": config().store.model_copy(update={"archive_interval": 0.05})})
+    with Store(tmp_path / "s.db") as store:
+        pipeline = Pipeline(cfg, store)
+        for n in range(20):
+            pipeline.ingest(batch(1000 + n, [n / 2, 2.0 + n, n % 2 == 0]))
+
+        async def stop_while_waiting() -> None:
+            waiting.append(asyncio.Event())
+            task = asyncio.create_task(pipeline.archive_loop())
+            await asyncio.wait_for(waiting[0].wait(), 5)
+            assert asked and not asked[0].running()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        try:
+            asyncio.run(stop_while_waiting())
+        finally:
+            gate.set()
+        assert store.archive_stats()[0] == 60
+        assert store.archive_mark() == store.last_seq() and not store.archive_partial()
+
+
 def test_a_flush_cut_short_by_a_crash_is_not_archived_twice(tmp_path: Path) -> None:
     with Store(tmp_path / "s.db") as store:
         pipeline = Pipeline(config(), store)

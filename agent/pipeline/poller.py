@@ -105,28 +105,37 @@ class Poller:
                     if dev.retired:
                         return  # a new configuration took this channel over while it read: its slots are gone
                     dev.round_trip = loop.time() - began
-                    await self.pace.turn()
+                    try:
+                        await self.pace.turn()
+                    except asyncio.CancelledError:
+                        if not dev.retired:  # a stop: the read is done, its readings are kept all the same
+                            self._took(dev, read, ts, loop.time())
+                        raise
                     if dev.retired:
                         return
-                    dev.polls += 1
-                    if read is None:
-                        self.ingest(bad_batch(dev.slot.indices, ts))
-                        failed = True
-                    else:
-                        # the table of the moment: a new configuration may have renumbered the points between polls
-                        self.ingest(decode(self.table.points, dev.slot.indices, read, ts, dev.clock, dev.slot))
-                        failed = read.positions is None and all(v is None for v in read.values)
-                    self.polled(dev.slot, ts)
-                    self._outcome(dev, read, failed)
-                    if failed and dev.failures > 1:
-                        # one missed reply (noise on a bus) costs no slot; a device silent twice is backed off
-                        backoff = min(dev.device.interval * 2 ** (dev.failures - 2), dev.device.backoff_max)
-                        dev.retry_at = loop.time() + backoff
+                    self._took(dev, read, ts, loop.time())
                 self._next_slot(dev, loop.time())
         finally:
             if self.drivers.get(channel.id) is driver:
                 del self.drivers[channel.id]
             await driver.close()
+
+    def _took(self, dev: DeviceState, read: DeviceRead | None, ts: int, now: float) -> None:
+        """A read done (or failed): its batch goes to ingest, and the device's state follows the outcome."""
+        dev.polls += 1
+        if read is None:
+            self.ingest(bad_batch(dev.slot.indices, ts))
+            failed = True
+        else:
+            # the table of the moment: a new configuration may have renumbered the points between polls
+            self.ingest(decode(self.table.points, dev.slot.indices, read, ts, dev.clock, dev.slot))
+            failed = read.positions is None and all(v is None for v in read.values)
+        self.polled(dev.slot, ts)
+        self._outcome(dev, read, failed)
+        if failed and dev.failures > 1:
+            # one missed reply (noise on a bus) costs no slot; a device silent twice is backed off
+            backoff = min(dev.device.interval * 2 ** (dev.failures - 2), dev.device.backoff_max)
+            dev.retry_at = now + backoff
 
     def reconfigure(self, table: PointTable, keep: set[str]) -> None:
         """A new point table, installed between two polls: the devices of the channels in `keep` (unchanged, their

@@ -116,15 +116,15 @@ _STAMP_LIMIT = 2**31 - 1  # a rate table's sample times are 32-bit ms from its b
 class RateTable:
     """The rate-of-change rules of many points as arrays: each point's kept samples (SLOTS of them, one every
     window/8) and its settings, shared by the points written alike. A point whose rate stays within its limits
-    costs about 135 bytes and no object; its `RateRule` (the alarm's state) is made when the rate first goes
+    costs about 145 bytes and no object; its `RateRule` (the alarm's state) is made when the rate first goes
     beyond, or when a saved state or a command names it (`engine.AlarmEngine` decides)."""
 
     SLOTS = 10
 
     def __init__(self, points: int) -> None:
         self.slot_of = array("i", [-1]) * points  # point index -> its slot here, -1 without a rate rule
-        self.stamps = array("i")  # ms after `base`: 4 bytes a sample, not 8 (100,000 rules: 4 MB less)
-        self.base = 0  # wall time (ms) the stamps count from; moved on when a time no longer fits
+        self.stamps = array("i")  # ms after the slot's base: 4 bytes a sample, not 8 (10 samples a slot)
+        self.bases = array("q")  # slot -> the wall time (ms) its stamps count from; moved when a time does not fit
         self.values = array("d")
         self.counts = bytearray()  # samples kept by each slot, oldest first
         self.spec_of = array("H")  # slot -> its settings in `specs`
@@ -141,13 +141,14 @@ class RateTable:
             self.specs.append(spec)
         self.slot_of[index] = len(self.counts)
         self.counts.append(0)
+        self.bases.append(0)
         self.spec_of.append(spec_id)
         self.quick.append(min(rise if rise is not None else math.inf, fall if fall is not None else math.inf))
 
     def ready(self) -> None:
         """Room for the samples of every rule added: call it once they are all added."""
         self.stamps = array("i", bytes(4 * self.SLOTS * len(self.counts)))
-        self.base = int(time.time() * 1000)
+        self.bases = array("q", [int(time.time() * 1000)]) * len(self.counts)
         self.values = array("d", bytes(8 * self.SLOTS * len(self.counts)))
 
     def spec(self, index: int) -> tuple[float | None, float | None, int, int, bool] | None:
@@ -158,13 +159,15 @@ class RateTable:
         """Keep the sample if it is due and return the rate over the window in unit per minute, or None when the
         kept samples span too short a time to call it a trend."""
         _, _, window, step, _ = self.specs[self.spec_of[slot]]
-        ts -= self.base
+        ts -= self.bases[slot]
         if not -_STAMP_LIMIT < ts < _STAMP_LIMIT:  # 24 days on (or back) from the base: count from now instead
-            self._rebase(ts)
+            self._rebase(slot, ts)
             ts = 0
         stamps, values = self.stamps, self.values
         b = slot * self.SLOTS
         n = self.counts[slot]
+        if n and ts < stamps[b + n - 1]:
+            n = 0  # the clock stepped back past the newest sample: the trend begins again from this one
         if not n or ts - stamps[b + n - 1] >= step:
             if n == self.SLOTS:
                 stamps[b:b + n - 1] = stamps[b + 1:b + n]
@@ -183,12 +186,14 @@ class RateTable:
             return None
         return (value - values[first]) / span * 60_000
 
-    def _rebase(self, shift: int) -> None:
-        """Count the stamps from `shift` ms after the base; a sample beyond what 32 bits hold is clamped there,
+    def _rebase(self, slot: int, shift: int) -> None:
+        """Count the slot's stamps from `shift` ms after its base (ten samples at most: each slot alone, when it
+        needs it, so no step of the loop rewrites them all); a sample beyond what 32 bits hold is clamped there,
         so it is older (or newer) than any window, as it really is."""
-        self.base += shift
-        lo, hi = -_STAMP_LIMIT, _STAMP_LIMIT
-        self.stamps = array("i", [min(max(t - shift, lo), hi) for t in self.stamps])
+        self.bases[slot] += shift
+        stamps, b = self.stamps, slot * self.SLOTS
+        for i in range(b, b + self.counts[slot]):
+            stamps[i] = min(max(stamps[i] - shift, -_STAMP_LIMIT), _STAMP_LIMIT)
 
     def forget(self, slot: int) -> None:
         """An unknown value: the trend starts again from the next good one."""
