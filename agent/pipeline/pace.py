@@ -21,7 +21,7 @@ class Pace:
     def __init__(self, budget: float = BUDGET) -> None:
         self.budget = budget
         self._began: float | None = None  # when this turn's first poll work began
-        self.deferred = 0  # polls put off to a later turn (for health and the benchmark)
+        self.deferred = 0  # polls put off to a later turn, since start
 
     async def turn(self) -> None:
         """Return at once while this turn has budget left; otherwise in a later turn that has."""

@@ -110,7 +110,7 @@ class LimitRule(Rule):
         return self.step(value <= limit, value > limit + self.deadband, value, ts)
 
 
-_STAMP_LIMIT = 2**31 - 1  # a rate table's sample times are 32-bit ms from its base
+_STAMP_LIMIT = 2**31 - 1  # a rate table's sample times are 32-bit ms from their slot's base
 
 
 class RateTable:
