@@ -177,6 +177,15 @@ def test_the_minute_flush_drops_archived_messages_in_steps(tmp_path: Path, monke
         assert len(list(store.data_rows_after(0))) == 1  # the archived, acknowledged ten are gone
 
 
+def _twenty_polls_to_archive(store: Store) -> Pipeline:
+    """A pipeline that flushes its archive every 50 ms, with 20 polls of its three points waiting for it."""
+    cfg = config().model_copy(update={"store": config().store.model_copy(update={"archive_interval": 0.05})})
+    pipeline = Pipeline(cfg, store)
+    for n in range(20):
+        pipeline.ingest(batch(1000 + n, [n / 2, 2.0 + n, n % 2 == 0]))
+    return pipeline
+
+
 def test_a_stop_in_the_middle_of_a_flush_still_archives_every_reading(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # slices are encoded on a worker thread: a stop that comes while one is under way waits for it, then writes
@@ -186,11 +195,8 @@ def test_a_stop_in_the_middle_of_a_flush_still_archives_every_reading(
     import agent.pipeline.ingest as ingest
 
     monkeypatch.setattr(ingest, "_ARCHIVE_SLICE", 1)  # three points: three slices, the loop turning between them
-    cfg = config().model_copy(update={"store": config().store.model_copy(update={"archive_interval": 0.05})})
     with Store(tmp_path / "s.db") as store:
-        pipeline = Pipeline(cfg, store)
-        for n in range(20):
-            pipeline.ingest(batch(1000 + n, [n / 2, 2.0 + n, n % 2 == 0]))
+        pipeline = _twenty_polls_to_archive(store)
 
         async def stop_mid_flush() -> int:
             task = asyncio.create_task(pipeline.archive_loop())
@@ -239,11 +245,8 @@ def test_a_stop_while_a_slice_waits_for_the_encoder_still_archives_every_reading
             return future
 
     monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", BusyEncoder)
-    cfg = config().model_copy(update={"store": config().store.model_copy(update={"archive_interval": 0.05})})
     with Store(tmp_path / "s.db") as store:
-        pipeline = Pipeline(cfg, store)
-        for n in range(20):
-            pipeline.ingest(batch(1000 + n, [n / 2, 2.0 + n, n % 2 == 0]))
+        pipeline = _twenty_polls_to_archive(store)
 
         async def stop_while_waiting() -> None:
             waiting.append(asyncio.Event())
