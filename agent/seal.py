@@ -131,7 +131,7 @@ _AS_IS: list[bytes] = []  # what _canonical_scalars answers when orjson's text i
 def _canonical_scalars(values: list[Any]) -> list[bytes] | None:
     """Each of `values` as RFC 8785 writes it, or _AS_IS when orjson writes them so; None if one of them is not
     null, a boolean or a number."""
-    if any(type(v) not in _SCALARS for v in values):
+    if not _SCALARS.issuperset(map(type, values)):  # a loop in C: a generator costs 0.1 µs a value
         return None
     text = orjson.dumps(values)
     changed = False

@@ -4,10 +4,13 @@ change, detector fault, crowding, production during an ordered shutdown, daily e
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.config.loader import parse_config
 from agent.config.models import AgentConfig
@@ -16,6 +19,7 @@ from agent.core import BAD, GOOD, AlarmEvent, ReadingBatch
 from agent.errors import ResetRefused
 from agent.rules.energy import DailyEnergy
 from agent.rules.engine import AlarmEngine
+from agent.rules.limits import RateTable
 
 SITE = """
 agent: {id: a1, enterprise: "e1"}
@@ -285,3 +289,75 @@ def test_gas_limits_beyond_the_standard_are_refused_naming_it() -> None:
         parse_config(text)
     message = str(info.value)
     assert "GB/T 50493" in message and "25" in message and "60" in message
+
+
+def _table(rise: float | None, fall: float | None, window: float) -> RateTable:
+    table = RateTable(1)
+    table.add(0, rise, fall, window, False)
+    table.ready()
+    return table
+
+
+def _samples(table: RateTable) -> tuple[list[int], list[float]]:
+    """The samples a slot keeps, their times as wall ms."""
+    n, base = table.counts[0], table.bases[0]
+    return [base + s for s in table.stamps[:n]], list(table.values[:n])
+
+
+def _check_calm(limits: tuple[float | None, float | None], window: float, drift: float,
+                steps: list[tuple[int, float, int]]) -> None:
+    """The engine settles a reading without calling `rate` when it falls in the slot's calm band; a table asked
+    every time must then keep no new sample and give a rate within ±quick (or none)."""
+    rise, fall = limits
+    calm, every = _table(rise, fall, window), _table(rise, fall, window)
+    quick = calm.quick[0]
+    ts, value = 1_700_000_000_000, 0.0
+    for dt, noise, gap in steps:
+        if gap == 0:  # an unknown value: the trend starts again
+            calm.forget(0)
+            every.forget(0)
+            continue
+        ts += dt
+        value += (drift + noise) * quick * abs(dt) / 60_000
+        rate = every.rate(0, value, ts)
+        if calm.since[0] <= ts - calm.bases[0] < calm.due[0] and calm.calm_lo[0] < value < calm.calm_hi[0]:
+            assert rate is None or -quick < rate < quick
+        else:
+            assert calm.rate(0, value, ts) == rate
+        assert _samples(calm) == _samples(every)
+
+
+_LIMITS = [(0.5, None), (None, 2.0), (1.0, 0.25)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_LIMITS), st.sampled_from([1.0, 8.0, 60.0]), st.floats(-1.5, 1.5),
+       st.lists(st.tuples(st.one_of(*[st.integers(50, 2_000)] * 4, st.integers(-30_000, 9_000)),  # mostly polls
+                          st.floats(-4, 4), st.integers(0, 30)), min_size=1, max_size=200))
+def test_the_calm_band_settles_a_reading_only_as_the_rate_itself_would(
+        limits: tuple[float | None, float | None], window: float, drift: float,
+        steps: list[tuple[int, float, int]]) -> None:
+    # whatever the times do (steps back included), the values (a trend about as fast as the limit, and noise)
+    # and bad readings between them
+    _check_calm(limits, window, drift, steps)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_calm_band_holds_over_long_runs_of_polls(seed: int) -> None:
+    # long runs reach the moments the short examples above seldom do: a reading near the band's edge just after
+    # the oldest sample moved on
+    rnd = random.Random(seed)
+    steps = [(rnd.randint(50, 2_000) if rnd.random() < 0.9 else rnd.randint(-30_000, 9_000), rnd.uniform(-4, 4),
+              rnd.randint(0, 100)) for _ in range(600)]
+    _check_calm(rnd.choice(_LIMITS), rnd.choice([1.0, 8.0, 60.0]), rnd.uniform(-1.5, 1.5), steps)
+
+
+def test_a_steady_point_is_settled_by_its_calm_band_between_samples() -> None:
+    table = _table(0.5, None, 60.0)
+    asked = 0
+    for t in range(600):  # 10 minutes at 1 s, rising 0.1 m/min: well within the limit
+        ts, value = 1_700_000_000_000 + t * 1000, 5 + t / 600
+        if not (table.since[0] <= ts - table.bases[0] < table.due[0] and table.calm_lo[0] < value < table.calm_hi[0]):
+            asked += 1
+            assert table.rate(0, value, ts) is None or table.rate(0, value, ts) < 0.5
+    assert asked <= 600 // 7  # once a sample is due (every window/8 = 7.5 s), and while the span is short

@@ -175,7 +175,9 @@ class AlarmEngine:
         other_rules = self._other_rules
         bad_since = self._bad_since
         rate_slot = self._rate_slot
-        rate_of, quick = self._rates.rate, self._rates.quick
+        rates = self._rates
+        rate_of, quick, spec_of = rates.rate, rates.quick, rates.spec_of
+        bases, since, due, calm_lo, calm_hi = rates.bases, rates.since, rates.due, rates.calm_lo, rates.calm_hi
         reasons = batch.reasons
         for n, (index, value, quality) in enumerate(zip(batch.indices, batch.values, batch.qualities, strict=True)):
             if quality == BAD:
@@ -189,8 +191,10 @@ class AlarmEngine:
                 slot = rate_slot[index]
                 if slot >= 0:
                     ts = batch.stamps[n] if batch.stamps is not None else batch.ts
+                    if since[slot] <= ts - bases[slot] < due[slot] and calm_lo[slot] < value < calm_hi[slot]:
+                        continue  # no sample to keep, the rate within its limits: as `rate` would say, in line
                     rate = rate_of(slot, value, ts)
-                    if rate is not None and not -quick[slot] < rate < quick[slot]:
+                    if rate is not None and not -(q := quick[spec_of[slot]]) < rate < q:
                         self._rate(index, value, ts, events, rate)
                 continue
             ts = batch.stamps[n] if batch.stamps is not None else batch.ts

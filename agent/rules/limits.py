@@ -128,8 +128,15 @@ class RateTable:
         self.values = array("d")
         self.counts = bytearray()  # samples kept by each slot, oldest first
         self.spec_of = array("H")  # slot -> its settings in `specs`
-        self.quick = array("d")  # slot -> a rate strictly between -quick and quick goes beyond neither limit
         self.specs: list[tuple[float | None, float | None, int, int, bool]] = []  # rise, fall, window, step, latch
+        self.quick: list[float] = []  # spec -> a rate strictly between -quick and quick goes beyond neither limit
+        # the calm of each slot: a value strictly between calm_lo and calm_hi at a time from `since` (included) to
+        # `due` (both ms after the base) keeps no sample and has a rate within ±quick (or none yet), so the engine
+        # settles it without calling `rate`; set by each call of `rate`, empty (since = due) until then
+        self.since = array("i")
+        self.due = array("i")
+        self.calm_lo = array("d")
+        self.calm_hi = array("d")
         self._spec_ids: dict[tuple[float | None, float | None, int, int, bool], int] = {}
 
     def add(self, index: int, rise: float | None, fall: float | None, window: float, latch: bool) -> None:
@@ -139,17 +146,22 @@ class RateTable:
         if spec_id is None:
             spec_id = self._spec_ids[spec] = len(self.specs)
             self.specs.append(spec)
+            self.quick.append(min(rise if rise is not None else math.inf, fall if fall is not None else math.inf))
         self.slot_of[index] = len(self.counts)
         self.counts.append(0)
         self.bases.append(0)
         self.spec_of.append(spec_id)
-        self.quick.append(min(rise if rise is not None else math.inf, fall if fall is not None else math.inf))
 
     def ready(self) -> None:
         """Room for the samples of every rule added: call it once they are all added."""
-        self.stamps = array("i", bytes(4 * self.SLOTS * len(self.counts)))
-        self.bases = array("q", [int(time.time() * 1000)]) * len(self.counts)
-        self.values = array("d", bytes(8 * self.SLOTS * len(self.counts)))
+        slots = len(self.counts)
+        self.stamps = array("i", bytes(4 * self.SLOTS * slots))
+        self.bases = array("q", [int(time.time() * 1000)]) * slots
+        self.values = array("d", bytes(8 * self.SLOTS * slots))
+        self.since = array("i", bytes(4 * slots))
+        self.due = array("i", bytes(4 * slots))
+        self.calm_lo = array("d", bytes(8 * slots))
+        self.calm_hi = array("d", bytes(8 * slots))
 
     def spec(self, index: int) -> tuple[float | None, float | None, int, int, bool] | None:
         slot = self.slot_of[index]
@@ -160,7 +172,7 @@ class RateTable:
         kept samples span too short a time to call it a trend."""
         _, _, window, step, _ = self.specs[self.spec_of[slot]]
         ts -= self.bases[slot]
-        if not -_STAMP_LIMIT < ts < _STAMP_LIMIT:  # 24 days on (or back) from the base: count from now instead
+        if not -_STAMP_LIMIT < ts < _STAMP_LIMIT - 2 * window:  # 24 days on (or back) from the base: count from now
             self._rebase(slot, ts)
             ts = 0
         stamps, values = self.stamps, self.values
@@ -182,9 +194,30 @@ class RateTable:
         while first < last and ts - stamps[first + 1] >= window:
             first += 1
         span = ts - stamps[first]
+        self._calm(slot, ts, first, last, span, window, step)
         if span < window // 2 or span <= 0:
             return None
         return (value - values[first]) / span * 60_000
+
+    def _calm(self, slot: int, ts: int, first: int, last: int, span: int, window: int, step: int) -> None:
+        """The calm band from `ts` until the next sample is due: a rate counts from the oldest sample in the window,
+        over a span that only grows until the oldest moves on (then over a whole window), so a value this close to
+        each sample that will be the oldest meanwhile has a rate within ±quick (or none). A hair narrower than
+        exact, so a value on the edge is judged the long way; a NaN sample leaves no band."""
+        stamps, values = self.stamps, self.values
+        per_ms = self.quick[self.spec_of[slot]] * (1 - 1e-9) / 60_000
+        reach = per_ms * max(span, window // 2)  # before half a window there is no rate at all
+        lo, hi = values[first] - reach, values[first] + reach
+        due = stamps[last] + step
+        reach = per_ms * window
+        while first < last and stamps[first + 1] + window < due:
+            first += 1
+            if not values[first] - reach <= lo:
+                lo = values[first] - reach
+            if not values[first] + reach >= hi:
+                hi = values[first] + reach
+        self.since[slot], self.due[slot] = ts, due
+        self.calm_lo[slot], self.calm_hi[slot] = lo, hi
 
     def _rebase(self, slot: int, shift: int) -> None:
         """Count the slot's stamps from `shift` ms after its base (ten samples at most: each slot alone, when it
@@ -198,6 +231,7 @@ class RateTable:
     def forget(self, slot: int) -> None:
         """An unknown value: the trend starts again from the next good one."""
         self.counts[slot] = 0
+        self.due[slot] = self.since[slot]
 
 
 _UNITS: dict[str, str] = {}  # "m/min" once, not once a point
