@@ -47,6 +47,8 @@ class Owner(Protocol):
 
     def acked(self, seq: int) -> None: ...
 
+    def rouse(self) -> None: ...
+
     def command_arrived(self, payload: bytes, *, retained: bool) -> None: ...
 
     def config_arrived(self, payload: bytes, *, retained: bool) -> None: ...
@@ -129,6 +131,7 @@ class Session:
             log.warning("uplink: disconnected from %s:%d (%s)", self.uplink.cfg.host, self.uplink.cfg.port, rc)
         self.closed.set()
         self.room.set()
+        self.uplink.rouse()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
         seq = self.inflight.pop(mid, None)
@@ -141,6 +144,7 @@ class Session:
             else:
                 self.uplink.acked(seq)
             self.room.set()
+            self.uplink.rouse()
             return
         waiter = self.other_mids.pop(mid, None)
         if waiter is not None and not waiter.done():
@@ -226,6 +230,7 @@ class Session:
         if self.sock is not None:
             self._sock_close(self.sock)
         self.closed.set()
+        self.uplink.rouse()
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
