@@ -130,6 +130,9 @@ class RateTable:
         self.spec_of = array("H")  # slot -> its settings in `specs`
         self.specs: list[tuple[float | None, float | None, int, int, bool]] = []  # rise, fall, window, step, latch
         self.quick: list[float] = []  # spec -> a rate strictly between -quick and quick goes beyond neither limit
+        # spec -> what `rate` needs of it, worked out once: window, step, half a window, the calm band's reach a ms
+        # of span, the latest stamp that leaves room for a due time within 32 bits
+        self._terms: list[tuple[int, int, int, float, int]] = []
         # the calm of each slot: a value strictly between calm_lo and calm_hi at a time from `since` (included) to
         # `due` (both ms after the base) keeps no sample and has a rate within ±quick (or none yet), so the engine
         # settles it without calling `rate`; set by each call of `rate`, empty (since = due) until then
@@ -146,7 +149,11 @@ class RateTable:
         if spec_id is None:
             spec_id = self._spec_ids[spec] = len(self.specs)
             self.specs.append(spec)
-            self.quick.append(min(rise if rise is not None else math.inf, fall if fall is not None else math.inf))
+            quick = min(rise if rise is not None else math.inf, fall if fall is not None else math.inf)
+            self.quick.append(quick)
+            # a hair narrower than exact, so a value on the band's edge is judged the long way
+            self._terms.append((window_ms, spec[3], window_ms // 2, quick * (1 - 1e-9) / 60_000,
+                                _STAMP_LIMIT - 2 * window_ms))
         self.slot_of[index] = len(self.counts)
         self.counts.append(0)
         self.bases.append(0)
@@ -169,55 +176,56 @@ class RateTable:
 
     def rate(self, slot: int, value: float, ts: int) -> float | None:
         """Keep the sample if it is due and return the rate over the window in unit per minute, or None when the
-        kept samples span too short a time to call it a trend."""
-        _, _, window, step, _ = self.specs[self.spec_of[slot]]
+        kept samples span too short a time to call it a trend. Sets the slot's calm band (see `since`)."""
+        window, step, half, per_ms, latest = self._terms[self.spec_of[slot]]
         ts -= self.bases[slot]
-        if not -_STAMP_LIMIT < ts < _STAMP_LIMIT - 2 * window:  # 24 days on (or back) from the base: count from now
+        if not -_STAMP_LIMIT < ts < latest:  # 24 days on (or back) from the base: count from now instead
             self._rebase(slot, ts)
             ts = 0
         stamps, values = self.stamps, self.values
-        b = slot * self.SLOTS
+        b = slot * 10  # SLOTS
         n = self.counts[slot]
-        if n and ts < stamps[b + n - 1]:
+        last = b + n - 1
+        if n and ts < stamps[last]:
             n = 0  # the clock stepped back past the newest sample: the trend begins again from this one
-        if not n or ts - stamps[b + n - 1] >= step:
-            if n == self.SLOTS:
-                stamps[b:b + n - 1] = stamps[b + 1:b + n]
-                values[b:b + n - 1] = values[b + 1:b + n]
-                n -= 1
-            stamps[b + n] = ts
-            values[b + n] = value
-            n += 1
-            self.counts[slot] = n
+        if not n or ts - stamps[last] >= step:
+            if n == 10:  # full: the oldest goes
+                stamps[b:last] = stamps[b + 1:last + 1]
+                values[b:last] = values[b + 1:last + 1]
+            else:
+                n += 1
+                last = b + n - 1
+                self.counts[slot] = n
+            stamps[last] = ts
+            values[last] = value
         # the oldest kept sample that is still inside the window (or the only one old enough)
-        first, last = b, b + n - 1
+        first = b
         while first < last and ts - stamps[first + 1] >= window:
             first += 1
         span = ts - stamps[first]
-        self._calm(slot, ts, first, last, span, window, step)
-        if span < window // 2 or span <= 0:
-            return None
-        return (value - values[first]) / span * 60_000
-
-    def _calm(self, slot: int, ts: int, first: int, last: int, span: int, window: int, step: int) -> None:
-        """The calm band from `ts` until the next sample is due: a rate counts from the oldest sample in the window,
-        over a span that only grows until the oldest moves on (then over a whole window), so a value this close to
-        each sample that will be the oldest meanwhile has a rate within ±quick (or none). A hair narrower than
-        exact, so a value on the edge is judged the long way; a NaN sample leaves no band."""
-        stamps, values = self.stamps, self.values
-        per_ms = self.quick[self.spec_of[slot]] * (1 - 1e-9) / 60_000
-        reach = per_ms * max(span, window // 2)  # before half a window there is no rate at all
-        lo, hi = values[first] - reach, values[first] + reach
+        # the calm band from now until the next sample is due: a rate counts from the oldest sample in the window,
+        # over a span that only grows until the oldest moves on (then over a whole window), so a value this close
+        # to each sample that is the oldest meanwhile has a rate within ±quick (or none); a NaN sample leaves none
+        origin = values[first]
+        reach = per_ms * (span if span > half else half)  # before half a window there is no rate at all
+        lo, hi = origin - reach, origin + reach
         due = stamps[last] + step
-        reach = per_ms * window
-        while first < last and stamps[first + 1] + window < due:
-            first += 1
-            if not values[first] - reach <= lo:
-                lo = values[first] - reach
-            if not values[first] + reach >= hi:
-                hi = values[first] + reach
-        self.since[slot], self.due[slot] = ts, due
-        self.calm_lo[slot], self.calm_hi[slot] = lo, hi
+        k = first
+        if k < last and stamps[k + 1] + window < due:
+            reach = per_ms * window
+            while k < last and stamps[k + 1] + window < due:
+                k += 1
+                if not values[k] - reach <= lo:
+                    lo = values[k] - reach
+                if not values[k] + reach >= hi:
+                    hi = values[k] + reach
+        self.since[slot] = ts
+        self.due[slot] = due
+        self.calm_lo[slot] = lo
+        self.calm_hi[slot] = hi
+        if span < half or span <= 0:
+            return None
+        return (value - origin) / span * 60_000
 
     def _rebase(self, slot: int, shift: int) -> None:
         """Count the slot's stamps from `shift` ms after its base (ten samples at most: each slot alone, when it
