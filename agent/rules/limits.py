@@ -111,15 +111,16 @@ class LimitRule(Rule):
 
 
 _STAMP_LIMIT = 2**31 - 1  # a rate table's sample times are 32-bit ms from their slot's base
+_SLOTS = 10  # samples a rate keeps: one every window/8 spans the window and a little more
 
 
 class RateTable:
     """The rate-of-change rules of many points as arrays: each point's kept samples (SLOTS of them, one every
     window/8) and its settings, shared by the points written alike. A point whose rate stays within its limits
-    costs about 145 bytes and no object; its `RateRule` (the alarm's state) is made when the rate first goes
+    costs about 160 bytes and no object; its `RateRule` (the alarm's state) is made when the rate first goes
     beyond, or when a saved state or a command names it (`engine.AlarmEngine` decides)."""
 
-    SLOTS = 10
+    SLOTS = _SLOTS
 
     def __init__(self, points: int) -> None:
         self.slot_of = array("i", [-1]) * points  # point index -> its slot here, -1 without a rate rule
@@ -183,13 +184,13 @@ class RateTable:
             self._rebase(slot, ts)
             ts = 0
         stamps, values = self.stamps, self.values
-        b = slot * 10  # SLOTS
+        b = slot * _SLOTS
         n = self.counts[slot]
         last = b + n - 1
         if n and ts < stamps[last]:
             n = 0  # the clock stepped back past the newest sample: the trend begins again from this one
         if not n or ts - stamps[last] >= step:
-            if n == 10:  # full: the oldest goes
+            if n == _SLOTS:  # full: the oldest goes
                 stamps[b:last] = stamps[b + 1:last + 1]
                 values[b:last] = values[b + 1:last + 1]
             else:
