@@ -352,6 +352,21 @@ def test_the_calm_band_holds_over_long_runs_of_polls(seed: int) -> None:
     _check_calm(rnd.choice(_LIMITS), rnd.choice([1.0, 8.0, 60.0]), rnd.uniform(-1.5, 1.5), steps)
 
 
+def test_the_calm_band_ends_where_the_sample_times_count_from_a_new_base() -> None:
+    # a sample from long before the base, then readings up to where the slot must count from a new base (which
+    # clamps that old sample's time): the band must not reach past it, or it settles a rate judged beyond
+    calm, every = _table(1.0, None, 1.0), _table(1.0, None, 1.0)
+    base = calm.bases[0]
+    every.bases[0] = base
+    latest = 2**31 - 1 - 2 * 1000
+    for ts, value in ((base - 10**9, 0.0), (base + latest - 1, 0.0), (base + latest, 52_000.0)):
+        rate = every.rate(0, value, ts)
+        if calm.since[0] <= ts - calm.bases[0] < calm.due[0] and calm.calm_lo[0] < value < calm.calm_hi[0]:
+            assert rate is None or -1.0 < rate < 1.0
+        else:
+            assert calm.rate(0, value, ts) == rate
+
+
 def test_a_steady_point_is_settled_by_its_calm_band_between_samples() -> None:
     table = _table(0.5, None, 60.0)
     asked = 0

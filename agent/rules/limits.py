@@ -211,6 +211,8 @@ class RateTable:
         reach = per_ms * (span if span > half else half)  # before half a window there is no rate at all
         lo, hi = origin - reach, origin + reach
         due = stamps[last] + step
+        if due > latest:  # from there on `rate` counts from a new base, and may clamp the oldest stamps
+            due = latest
         k = first
         if k < last and stamps[k + 1] + window < due:
             reach = per_ms * window

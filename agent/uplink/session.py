@@ -73,8 +73,6 @@ class Session:
         self.inflight: dict[int, int] = {}  # paho mid -> seq (only store messages)
         self.hist_mids: set[int] = set()  # the backlog's share of the in-flight window
         self.other_mids: dict[int, asyncio.Future[None]] = {}
-        self.room = asyncio.Event()
-        self.room.set()
         self.sock: socket.socket | None = None
         c = self.client
         c.on_connect = self._on_connect
@@ -130,7 +128,6 @@ class Session:
         if not self.closed.is_set():
             log.warning("uplink: disconnected from %s:%d (%s)", self.uplink.cfg.host, self.uplink.cfg.port, rc)
         self.closed.set()
-        self.room.set()
         self.uplink.rouse()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
@@ -143,8 +140,7 @@ class Session:
                 self.uplink.refused += 1
             else:
                 self.uplink.acked(seq)
-            self.room.set()
-            self.uplink.rouse()
+            self.uplink.rouse()  # room in the window
             return
         waiter = self.other_mids.pop(mid, None)
         if waiter is not None and not waiter.done():

@@ -393,7 +393,6 @@ class Uplink:
             if progressed and len(session.inflight) < plan.window:
                 await asyncio.sleep(0)
                 continue
-            session.room.clear()
             if not self._wake.is_set() and not session.closed.is_set():
                 await self._nap(plan.wait_timeout())  # the session rouses it when the window has room again
 

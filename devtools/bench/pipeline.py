@@ -6,10 +6,11 @@ figures; asserts nothing.
 
     python -m bench.pipeline [--points 10000] [--seconds 60] [--repeat 3] [--json]
 
-Each device's poll is a batch of 1,000 readings of one sample time, the values a random walk inside the normal
-band (as the plant simulator moves them); every second the pending readings are stored (as `batch.max_delay`
-would). The first 40 s fill the rate windows and are not counted; CPU is the process's own time over the next
---seconds of polls.
+Each device's poll is a batch of 1,000 readings of one sample time: float32 values (as the plant's registers
+hold them) on a random walk of ±0.25 a poll, from a start between 20 and 80 (the range is 0..100). A poll fills
+two messages of the default 500 readings, stored as they fill; what is left at the end of each second is stored
+then, as `batch.max_delay` would. The first 40 s fill the rate windows and are not counted; CPU is the process's
+own time over the next --seconds of polls.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import random
 import statistics
 import tempfile
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +53,17 @@ def _pipeline(points: int, folder: Path) -> Pipeline:
 
 
 def _polls(points: int, rng: random.Random) -> list[list[list[float]]]:
-    """Eight seconds of polls (reused in turn): per second, per device, its values."""
+    """Eight seconds of polls (reused in turn): per second, per device, its values as float32 gives them."""
     state = [rng.uniform(20, 80) for _ in range(points)]
     seconds = []
     for _ in range(8):
         devices = []
         for first in range(0, points, PER_DEVICE):
-            values = []
+            values = array("f")
             for i in range(first, min(first + PER_DEVICE, points)):
-                state[i] += rng.uniform(-0.5, 0.5)
-                values.append(round(state[i], 4))
-            devices.append(values)
+                state[i] += rng.uniform(-0.25, 0.25)
+                values.append(state[i])
+            devices.append(values.tolist())
         seconds.append(devices)
     return seconds
 
