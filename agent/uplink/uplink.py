@@ -60,7 +60,7 @@ class Uplink:
         self.started = int(time.time() * 1000)
         self.root = f"{cfg.prefix}/{identity.enterprise}/{identity.id}"
         self.client_id = cfg.client_id or f"{identity.enterprise}-{identity.id}"
-        self._wake = asyncio.Event()
+        self._woken = False  # messages stored since the sending loop last looked
         self._napping: asyncio.Future[None] | None = None  # the sending loop's wait (`_nap`)
         self._session: Session | None = None
         self._commands: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue(COMMAND_QUEUE)
@@ -91,7 +91,7 @@ class Uplink:
 
     def wake(self) -> None:
         """New messages are in the store."""
-        self._wake.set()
+        self._woken = True
         self.rouse()
 
     def rouse(self) -> None:
@@ -355,7 +355,7 @@ class Uplink:
         plan = Sender(self.store.last_seq(), self.cfg.inflight, self.cfg.backlog_rate, time.monotonic())
         next_ack_flush = loop.time() + 0.2
         while not session.closed.is_set():
-            self._wake.clear()
+            self._woken = False
             if self._maps_changed:
                 self._maps_changed = False
                 if not await self._publish_maps(session):
@@ -393,7 +393,7 @@ class Uplink:
             if progressed and len(session.inflight) < plan.window:
                 await asyncio.sleep(0)
                 continue
-            if not self._wake.is_set() and not session.closed.is_set():
+            if not self._woken and not session.closed.is_set():
                 await self._nap(plan.wait_timeout())  # the session rouses it when the window has room again
 
     async def _health(self, session: Session) -> None:
