@@ -16,6 +16,7 @@ import pickle
 import reprlib
 import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePath
@@ -24,7 +25,7 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from agent.config import yaml_stream
+from agent.config import parse_cache, yaml_stream
 from agent.config.base import CREDENTIALS, Model, Secret, SecretFile, read_secret
 from agent.config.models import AgentConfig
 from agent.config.packed import pack_points
@@ -121,6 +122,14 @@ def format_validation_error(exc: ValidationError) -> list[str]:
 
 def load_config(path: Path | str) -> AgentConfig:
     """Read, parse and validate a configuration file; raise ConfigError naming every problem."""
+    config, keep = _load_config(path)
+    keep()
+    return config
+
+
+def _load_config(path: Path | str) -> tuple[AgentConfig, Callable[[], None]]:
+    """`load_config`, and what keeps the parse for the next start (agent.config.parse_cache), to be called once
+    the configuration is on its way: a large YAML file that validated and was not found there."""
     path = Path(path)
     source = str(path)
     try:
@@ -129,7 +138,20 @@ def load_config(path: Path | str) -> AgentConfig:
         raise ConfigError(source, ["file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, [f"cannot read: {exc}"]) from None
-    return parse_config(text, source=source, base_dir=path.parent)
+    data = None
+    if text.lstrip()[:1] != "{":  # JSON is read fast enough as it is
+        data = parse_cache.recall(text)
+        if type(data) is not dict or _depth(data) > yaml_stream.MAX_DEPTH:
+            data = None
+    if data is not None:
+        return validate_config_data(data, source=source, base_dir=path.parent), _nothing
+    data = parse_document(text, source=source)
+    config = validate_config_data(data, source=source, base_dir=path.parent)
+    return config, (functools.partial(parse_cache.keep, text, data) if text.lstrip()[:1] != "{" else _nothing)
+
+
+def _nothing() -> None:
+    pass
 
 
 def load_config_apart(path: Path | str) -> AgentConfig:
@@ -141,18 +163,33 @@ def load_config_apart(path: Path | str) -> AgentConfig:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _answer_and_exit(lambda: load_config(path), read_end, write_end)
+        then: list[Callable[[], None]] = []
+
+        def work() -> AgentConfig:
+            config, keep = _load_config(path)
+            then.append(keep)  # after the answer: the daemon goes on meanwhile
+            return config
+
+        _answer_and_exit(work, read_end, write_end, then)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    if not data or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-        # e.g. the loader ran out of memory and was killed: load here, to report what there is to report
-        return load_config(path)
-    with gc_paused():  # a collection every few thousand objects rebuilt would cost as much as rebuilding them
-        config = _answer(pickle.loads(data))  # our own child's answer, through our own pipe
+    try:
+        with gc_paused():  # a collection every few thousand objects rebuilt would cost as much as rebuilding them
+            answer = pickle.loads(data)  # our own child's answer, through our own pipe
+    except Exception:  # cut short: the child died (out of memory?)
+        os.waitpid(pid, 0)
+        return load_config(path)  # here, to report what there is to report
+    # a whole answer: the child may still be keeping the parse for the next start; it is reaped when it ends
+    threading.Thread(target=_reap, args=(pid,), name="config child", daemon=True).start()
+    config = _answer(answer)
     assert isinstance(config, AgentConfig)
     return config
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 async def validate_apart(data: dict[str, Any], *, source: str, base_dir: Path | None,
@@ -245,8 +282,10 @@ def _read_all(fd: int) -> bytes:
         return pipe.read()
 
 
-def _answer_and_exit(work: Callable[[], Any], read_end: int, write_end: int) -> NoReturn:
-    """In the child: answer through the pipe, never return into the caller's code."""
+def _answer_and_exit(work: Callable[[], Any], read_end: int, write_end: int,
+                     then: list[Callable[[], None]] | None = None) -> NoReturn:
+    """In the child: answer through the pipe, then do `then` (what `work` left for later), never return into the
+    caller's code."""
     code = 0
     try:
         # the heap the parent gave is never garbage here: collections leave it alone (and its pages unwritten),
@@ -260,6 +299,8 @@ def _answer_and_exit(work: Callable[[], Any], read_end: int, write_end: int) -> 
             answer = ("error", (exc.source, exc.errors))
         with os.fdopen(write_end, "wb") as out:
             pickle.dump(answer, out, protocol=pickle.HIGHEST_PROTOCOL)
+        for action in then or ():
+            action()
     except BaseException:  # whatever happens here, the child must end here
         code = 1
     finally:

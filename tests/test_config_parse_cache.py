@@ -1,0 +1,164 @@
+"""The parse of a large YAML file kept in the service's cache folder: read back only for the very text it came from,
+never when damaged or stale, never when JSON would change it, and what it gives validates to what the YAML gives."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from agent.config import loader, parse_cache, yaml_stream
+from agent.config.loader import load_config, load_config_apart
+from simulators.modbus import synthetic_data
+
+
+def big_file(tmp_path: Path, name: str = "agent.yaml", points: int = 8000) -> Path:
+    data = synthetic_data(points, interval=1.0, port=1502, store=str(tmp_path / "store.db"))
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert len(path.read_text()) >= parse_cache.MIN_CHARS, "the file must be large enough to be kept"
+    return path
+
+
+class Parses:
+    """Counts the YAML parses (the real one runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = yaml_stream.load
+
+        def counted(text: str, secret_keys: Any = ()) -> Any:
+            self.count += 1
+            return real(text, secret_keys)
+
+        monkeypatch.setattr(yaml_stream, "load", counted)
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    monkeypatch.setenv(parse_cache.CACHE_ENV, f"{folder}:{tmp_path / 'other'}")  # the first of several is used
+    return folder / parse_cache.FILE_NAME
+
+
+def test_an_unchanged_file_is_parsed_once_and_read_back_the_same(tmp_path: Path, cache: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = big_file(tmp_path)
+    parses = Parses(monkeypatch)
+    first = load_config(path)
+    assert parses.count == 1 and cache.exists()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600  # it holds what the file holds, passwords too
+    again = load_config(path)
+    assert parses.count == 1, "read back, not parsed"
+    assert again.model_dump() == first.model_dump()
+    # one character changed: parsed again, and the entry now names the new text
+    path.write_text(path.read_text().replace("synthetic plant", "synthetic works", 1))
+    changed = load_config(path)
+    assert parses.count == 2 and changed.agent.name.startswith("synthetic works")
+    assert load_config(path).agent.name.startswith("synthetic works") and parses.count == 2
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "header", "empty", "other_reader"])
+def test_a_damaged_or_foreign_entry_means_a_parse(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  damage: str) -> None:
+    path = big_file(tmp_path)
+    expected = load_config(path).model_dump()
+    raw = cache.read_bytes()
+    head, _, body = raw.partition(b"\n")
+    if damage == "flip":  # a byte of the document changed: still JSON, another document
+        at = body.index(b'"address":2') + len(b'"address":')
+        cache.write_bytes(head + b"\n" + body[:at] + b"3" + body[at + 1:])
+    elif damage == "truncate":
+        cache.write_bytes(raw[: len(raw) // 2])
+    elif damage == "header":
+        cache.write_bytes(b"not json\n" + body)
+    elif damage == "empty":
+        cache.write_bytes(b"")
+    else:  # written by another version of the reader
+        cache.write_bytes(head.replace(b'"reader":"', b'"reader":"x') + b"\n" + body)
+    parses = Parses(monkeypatch)
+    assert load_config(path).model_dump() == expected
+    assert parses.count == 1
+    assert load_config(path).model_dump() == expected and parses.count == 1, "the entry was written anew"
+
+
+@pytest.mark.parametrize("document", [
+    {"value": math.nan},
+    {"value": math.inf},
+    {"when": datetime.date(2026, 11, 30)},
+    {1: "a key that is not text"},
+    {"big": 1 << 70},
+    {"raw": b"bytes"},
+])
+def test_a_document_json_would_change_is_not_kept(cache: Path, document: dict[Any, Any]) -> None:
+    text = "x" * parse_cache.MIN_CHARS
+    parse_cache.keep(text, document)
+    assert not cache.exists()
+    parse_cache.keep(text, {"value": 1.5, "list": [None, True, "t"]})
+    assert parse_cache.recall(text) == {"value": 1.5, "list": [None, True, "t"]}
+    assert parse_cache.recall(text + " ") is None
+
+
+def test_nothing_is_kept_without_a_cache_folder_or_for_a_small_file(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(parse_cache.CACHE_ENV, raising=False)
+    path = big_file(tmp_path)
+    before = set(tmp_path.rglob("*"))
+    load_config(path)
+    assert set(tmp_path.rglob("*")) == before
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    monkeypatch.setenv(parse_cache.CACHE_ENV, str(folder))
+    load_config(ROOT / "config" / "example.yaml")
+    assert not list(folder.iterdir())
+
+
+def test_a_folder_it_cannot_write_only_means_a_parse_next_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(parse_cache.CACHE_ENV, str(tmp_path / "missing" / "folder"))
+    path = big_file(tmp_path)
+    parses = Parses(monkeypatch)
+    assert load_config(path).model_dump() == load_config(path).model_dump()
+    assert parses.count == 2
+    assert not list(tmp_path.glob("missing"))
+
+
+def test_the_daemon_keeps_the_parse_after_it_has_its_answer(tmp_path: Path, cache: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load_config_apart`: the child answers first, then keeps the parse; the next start reads it back."""
+    path = big_file(tmp_path)
+    first = load_config_apart(path)
+    deadline = time.monotonic() + 30
+    while not cache.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.exists()
+
+    def no_parse(text: str, secret_keys: Any = ()) -> Any:
+        raise AssertionError("parsed although the entry was there")
+
+    monkeypatch.setattr(yaml_stream, "load", no_parse)  # the fork inherits it
+    assert load_config_apart(path) == first
+
+
+def test_the_check_before_a_start_keeps_the_parse_for_the_start(tmp_path: Path, cache: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd runs `edge-agent config check` before `run`, with the same cache folder: a changed file is parsed
+    by the check, and the start reads the check's parse."""
+    path = big_file(tmp_path)
+    env = {**os.environ, parse_cache.CACHE_ENV: str(cache.parent)}
+    result = subprocess.run([sys.executable, "-m", "agent", "config", "check", str(path)], capture_output=True,
+                            text=True, env=env, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert cache.exists()
+    monkeypatch.setattr(loader, "parse_document", lambda *a, **k: pytest.fail("parsed although checked"))
+    assert load_config(path).agent.id == "bench"
