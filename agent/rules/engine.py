@@ -329,8 +329,10 @@ class AlarmEngine:
 
     def states(self) -> dict[str, str]:
         """What to save: the state of every alarm that is not normal."""
-        self._raised = {rule for rule in self._raised if rule.state != NORMAL}
-        return {rule.id: rule.state for rule in self._raised}
+        states = {rule.id: rule.state for rule in self._raised if rule.state != NORMAL}
+        if len(states) != len(self._raised):  # some went back to normal (one rule an id): forget them
+            self._raised = {rule for rule in self._raised if rule.state != NORMAL}
+        return states
 
     def load(self, states: dict[str, str], now: int) -> list[str]:
         """Take back saved states (after a restart); returns ids that no longer exist in the configuration."""

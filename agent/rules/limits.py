@@ -25,13 +25,14 @@ NORMAL, RAISED, LATCHED = "normal", "raised", "latched"  # latched: raised, cond
 class Rule:
     """Common state of every rule: raised or not, latched or not, and the on-delay timer."""
 
-    __slots__ = ("delay_ms", "info", "kind", "latch", "level", "limit", "pending_since", "pending_value",
+    __slots__ = ("delay_ms", "id", "info", "kind", "latch", "level", "limit", "pending_since", "pending_value",
                  "pending_wall", "state", "unit")
 
     def __init__(self, info: PointInfo, kind: str, level: int, limit: float | None, delay: float, latch: bool,
                  unit: str | None = None) -> None:
         self.info = info
         self.kind = kind
+        self.id = f"{info.id}/{kind}"  # asked of every raised alarm each time their states are saved
         self.level = level
         self.limit = limit
         self.delay_ms = round(delay * 1000)
@@ -41,10 +42,6 @@ class Rule:
         self.pending_value: Any = None
         self.pending_wall = 0.0  # the agent's clock when the on-delay began: a device's clock may be off
         self.unit = info.unit if unit is None else unit
-
-    @property
-    def id(self) -> str:
-        return f"{self.info.id}/{self.kind}"
 
     def event(self, state: str, value: Any, ts: int, **extra: Any) -> AlarmEvent:
         shown = float(self.info.json_float % value) if type(value) is float else value

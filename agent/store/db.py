@@ -335,9 +335,9 @@ class Database:
             gone = saved.keys() - states.keys()
             if gone:
                 self.db.executemany("DELETE FROM alarm_state WHERE id = ?", [(i,) for i in sorted(gone)])
-            changed = states.items() - saved.items()
+            changed = [(i, state) for i, state in states.items() if saved.get(i) != state]
             if changed:
-                self.db.executemany("INSERT OR REPLACE INTO alarm_state (id, state) VALUES (?, ?)", sorted(changed))
+                self.db.executemany("INSERT OR REPLACE INTO alarm_state (id, state) VALUES (?, ?)", changed)
         # the enclosing transaction forgets it again if it rolls back
         self._saved_states = dict(states)
 
