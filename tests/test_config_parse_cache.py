@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 from conftest import ROOT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.config import loader, parse_cache, yaml_stream
 from agent.config.loader import load_config, load_config_apart
@@ -162,3 +164,34 @@ def test_the_check_before_a_start_keeps_the_parse_for_the_start(tmp_path: Path, 
     assert cache.exists()
     monkeypatch.setattr(loader, "parse_document", lambda *a, **k: pytest.fail("parsed although checked"))
     assert load_config(path).agent.id == "bench"
+
+
+TEXT = "y" * parse_cache.MIN_CHARS
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 63) - 1) | st.floats(allow_nan=False,
+                       allow_infinity=False) | st.text(max_size=8),
+                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                   max_size=4), max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=st.dictionaries(st.text(max_size=6), JSONISH, max_size=5), cut=st.integers(0, 400),
+       junk=st.binary(max_size=40), mode=st.sampled_from(["cut", "insert", "replace_body", "raw"]))
+def test_whatever_the_entry_holds_it_gives_the_document_kept_or_nothing(
+        cache: Path, document: dict[str, Any], cut: int, junk: bytes, mode: str) -> None:
+    """The entry is read from disk: any bytes in it give the document kept for this very text, or None, and never
+    raise."""
+    parse_cache.keep(TEXT, document)
+    raw = cache.read_bytes()
+    assert parse_cache.recall(TEXT) == document
+    if mode == "cut":
+        raw = raw[:cut % (len(raw) + 1)]
+    elif mode == "insert":
+        at = cut % (len(raw) + 1)
+        raw = raw[:at] + junk + raw[at:]
+    elif mode == "replace_body":
+        raw = raw.partition(b"\n")[0] + b"\n" + junk
+    else:
+        raw = junk
+    cache.write_bytes(raw)
+    back = parse_cache.recall(TEXT)
+    assert back is None or back == document
