@@ -8,15 +8,17 @@
 #   sudo ./install.sh --uninstall     remove the service and the program; keep configuration and store
 #   sudo ./install.sh --uninstall --purge    remove those too
 #
-# EDGE_AGENT_PREFIX, EDGE_AGENT_CONF_DIR, EDGE_AGENT_STATE_DIR, EDGE_AGENT_UNIT_DIR, EDGE_AGENT_BIN_DIR and
-# EDGE_AGENT_COMPLETION_DIR move the places it writes (default /opt/edge-agent, /etc/edge-agent,
-# /var/lib/edge-agent, /etc/systemd/system, /usr/local/bin for the `edge-agent` command, /etc/bash_completion.d).
+# EDGE_AGENT_PREFIX, EDGE_AGENT_CONF_DIR, EDGE_AGENT_STATE_DIR, EDGE_AGENT_UNIT_DIR, EDGE_AGENT_BIN_DIR,
+# EDGE_AGENT_COMPLETION_DIR and EDGE_AGENT_CACHE_DIR move the places it writes (default /opt/edge-agent,
+# /etc/edge-agent, /var/lib/edge-agent, /etc/systemd/system, /usr/local/bin for the `edge-agent` command,
+# /etc/bash_completion.d, /var/cache/edge-agent, which an uninstall empties).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PREFIX=${EDGE_AGENT_PREFIX:-/opt/edge-agent}
 CONF_DIR=${EDGE_AGENT_CONF_DIR:-/etc/edge-agent}
 STATE_DIR=${EDGE_AGENT_STATE_DIR:-/var/lib/edge-agent}
+CACHE_DIR=${EDGE_AGENT_CACHE_DIR:-/var/cache/edge-agent}  # the unit's CacheDirectory: the kept parse of agent.yaml
 UNIT_DIR=${EDGE_AGENT_UNIT_DIR:-/etc/systemd/system}
 say() { echo "install.sh: $*"; }
 die() { echo "install.sh: $*" >&2; exit 1; }
@@ -43,6 +45,7 @@ if [[ $uninstall -eq 1 ]]; then
     rm -rf "$PREFIX"
     rm -f "${EDGE_AGENT_COMPLETION_DIR:-/etc/bash_completion.d}/edge-agent"
     [[ -L "${EDGE_AGENT_BIN_DIR:-/usr/local/bin}/edge-agent" ]] && rm -f "${EDGE_AGENT_BIN_DIR:-/usr/local/bin}/edge-agent"
+    rm -rf "$CACHE_DIR"  # a copy of what agent.yaml held, passwords too; the next start would parse it again anyway
     if [[ $purge -eq 1 ]]; then
         rm -rf "$CONF_DIR" "$STATE_DIR"
         say "removed the service, the program, the configuration and the store"

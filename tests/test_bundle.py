@@ -59,7 +59,8 @@ def test_the_bundle_installs_into_a_fresh_venv_with_no_network(bundle: Path, tmp
 def test_install_sh_installs_upgrades_and_uninstalls_keeping_config_and_store(bundle: Path, tmp_path: Path) -> None:
     places = {"EDGE_AGENT_PREFIX": tmp_path / "opt", "EDGE_AGENT_CONF_DIR": tmp_path / "etc",
               "EDGE_AGENT_STATE_DIR": tmp_path / "var", "EDGE_AGENT_UNIT_DIR": tmp_path / "units",
-              "EDGE_AGENT_BIN_DIR": tmp_path / "bin", "EDGE_AGENT_COMPLETION_DIR": tmp_path / "completion"}
+              "EDGE_AGENT_BIN_DIR": tmp_path / "bin", "EDGE_AGENT_COMPLETION_DIR": tmp_path / "completion",
+              "EDGE_AGENT_CACHE_DIR": tmp_path / "cache"}
     (tmp_path / "bin").mkdir()
     (tmp_path / "completion").mkdir()
     env = {**os.environ, **{k: str(v) for k, v in places.items()}}
@@ -83,8 +84,11 @@ def test_install_sh_installs_upgrades_and_uninstalls_keeping_config_and_store(bu
     assert config.read_text().endswith("# this site's edits\n")
     assert (tmp_path / "var" / "store.db").read_bytes() == b"the site's store"
     assert subprocess.run([str(tmp_path / "opt" / "venv" / "bin" / "edge-agent"), "--version"]).returncode == 0
+    (tmp_path / "cache").mkdir()  # made by systemd (CacheDirectory) at the first start
+    (tmp_path / "cache" / "config-parsed.json").write_text("a copy of what agent.yaml held")
     install("--uninstall")
     assert not (tmp_path / "opt").exists() and not (tmp_path / "units" / "edge-agent.service").exists()
+    assert not (tmp_path / "cache").exists(), "the kept parse goes with the program"
     assert config.exists() and (tmp_path / "var" / "store.db").exists()
     install("--uninstall", "--purge")
     assert not config.exists() and not (tmp_path / "var").exists()

@@ -4,6 +4,7 @@ never when damaged or stale, never when JSON would change it, and what it gives 
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import stat
@@ -24,7 +25,8 @@ from agent.config.loader import load_config, load_config_apart
 from simulators.modbus import synthetic_data
 
 
-def big_file(tmp_path: Path, name: str = "agent.yaml", points: int = 8000) -> Path:
+def big_file(tmp_path: Path, name: str = "agent.yaml", points: int = 500) -> Path:
+    """A file above the size worth keeping (the tests' own, below, but for the check run as its own process)."""
     data = synthetic_data(points, interval=1.0, port=1502, store=str(tmp_path / "store.db"))
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -51,6 +53,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "cache"
     folder.mkdir()
     monkeypatch.setenv(parse_cache.CACHE_ENV, f"{folder}:{tmp_path / 'other'}")  # the first of several is used
+    monkeypatch.setattr(parse_cache, "MIN_CHARS", 50_000)  # files of 500 points are kept: quicker tests
     return folder / parse_cache.FILE_NAME
 
 
@@ -114,6 +117,7 @@ def test_a_document_json_would_change_is_not_kept(cache: Path, document: dict[An
 
 def test_nothing_is_kept_without_a_cache_folder_or_for_a_small_file(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parse_cache, "MIN_CHARS", 50_000)
     monkeypatch.delenv(parse_cache.CACHE_ENV, raising=False)
     path = big_file(tmp_path)
     before = set(tmp_path.rglob("*"))
@@ -127,6 +131,7 @@ def test_nothing_is_kept_without_a_cache_folder_or_for_a_small_file(tmp_path: Pa
 
 
 def test_a_folder_it_cannot_write_only_means_a_parse_next_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parse_cache, "MIN_CHARS", 50_000)
     monkeypatch.setenv(parse_cache.CACHE_ENV, str(tmp_path / "missing" / "folder"))
     path = big_file(tmp_path)
     parses = Parses(monkeypatch)
@@ -149,14 +154,35 @@ def test_the_daemon_keeps_the_parse_after_it_has_its_answer(tmp_path: Path, cach
         raise AssertionError("parsed although the entry was there")
 
     monkeypatch.setattr(yaml_stream, "load", no_parse)  # the fork inherits it
+    # were the child to fail, the daemon would load the file itself: that must not hide it here
+    monkeypatch.setattr(loader, "load_config", lambda *a, **k: pytest.fail("the child gave no answer"))
     assert load_config_apart(path) == first
+
+
+def test_a_json_file_or_a_running_daemon_leaves_no_entry_and_uses_none(tmp_path: Path, cache: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload in a running daemon (a child of a process with threads) neither reads nor writes an entry; a JSON
+    file removes the entry an earlier YAML file left (it may hold that file's passwords)."""
+    path = big_file(tmp_path)
+    parses = Parses(monkeypatch)
+    load_config(path, kept=False)
+    assert not cache.exists() and parses.count == 1
+    load_config(path)
+    assert cache.exists() and parses.count == 2
+    load_config(path, kept=False)
+    assert parses.count == 3, "not read back in a running daemon's child"
+    as_json = tmp_path / "agent.json"
+    as_json.write_text(json.dumps(yaml.safe_load(path.read_text())))
+    load_config(as_json)
+    assert not cache.exists()
 
 
 def test_the_check_before_a_start_keeps_the_parse_for_the_start(tmp_path: Path, cache: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """systemd runs `edge-agent config check` before `run`, with the same cache folder: a changed file is parsed
     by the check, and the start reads the check's parse."""
-    path = big_file(tmp_path)
+    monkeypatch.setattr(parse_cache, "MIN_CHARS", 1_000_000)  # the process below keeps files of its size only
+    path = big_file(tmp_path, points=6500)
     env = {**os.environ, parse_cache.CACHE_ENV: str(cache.parent)}
     result = subprocess.run([sys.executable, "-m", "agent", "config", "check", str(path)], capture_output=True,
                             text=True, env=env, timeout=120, cwd=ROOT)

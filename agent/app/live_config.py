@@ -264,7 +264,7 @@ class LiveConfig:
         """The configuration of a recorded revision: the bootstrap file, or a kept revision (checked as a push)."""
         if target.source == "file":
             path = self.bootstrap
-            config = await run_apart(lambda: load_config(path))
+            config = await run_apart(lambda: load_config(path, kept=False))
             errors = fixed_field_errors(config, running)
             if errors:
                 raise ConfigError(str(path), errors)
@@ -458,7 +458,7 @@ class LiveConfig:
         async with self._busy():
             try:
                 data = await asyncio.to_thread(path.read_bytes)
-                config = await run_apart(lambda: load_config(path))
+                config = await run_apart(lambda: load_config(path, kept=False))
             except (OSError, ConfigError) as exc:
                 lines = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
                 log.error("config: SIGHUP: the bootstrap file %s is not used: %s", path, "; ".join(lines[:20]))

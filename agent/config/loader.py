@@ -120,16 +120,19 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     return lines
 
 
-def load_config(path: Path | str) -> AgentConfig:
-    """Read, parse and validate a configuration file; raise ConfigError naming every problem."""
-    config, keep = _load_config(path)
+def load_config(path: Path | str, *, kept: bool = True) -> AgentConfig:
+    """Read, parse and validate a configuration file; raise ConfigError naming every problem. `kept`: the parse of
+    a large YAML file is read from and kept in the service's cache folder (agent.config.parse_cache); a child of a
+    running daemon, which has threads, leaves it (it hashes, and a lock another thread held at the fork may never
+    be let go)."""
+    config, keep = _load_config(path, kept=kept)
     keep()
     return config
 
 
-def _load_config(path: Path | str) -> tuple[AgentConfig, Callable[[], None]]:
-    """`load_config`, and what keeps the parse for the next start (agent.config.parse_cache), to be called once
-    the configuration is on its way: a large YAML file that validated and was not found there."""
+def _load_config(path: Path | str, *, kept: bool = True) -> tuple[AgentConfig, Callable[[], None]]:
+    """`load_config`, and what keeps the parse for the next start, to be called once the configuration is on its
+    way (a large YAML file that validated and was not found kept)."""
     path = Path(path)
     source = str(path)
     try:
@@ -138,16 +141,15 @@ def _load_config(path: Path | str) -> tuple[AgentConfig, Callable[[], None]]:
         raise ConfigError(source, ["file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, [f"cannot read: {exc}"]) from None
-    data = None
-    if text.lstrip()[:1] != "{":  # JSON is read fast enough as it is
-        data = parse_cache.recall(text)
-        if type(data) is not dict or _depth(data) > yaml_stream.MAX_DEPTH:
-            data = None
-    if data is not None:
+    yaml_text = text.lstrip()[:1] != "{"  # JSON is read fast enough as it is
+    data = parse_cache.recall(text) if kept and yaml_text else None
+    if type(data) is dict and _depth(data) <= yaml_stream.MAX_DEPTH:
         return validate_config_data(data, source=source, base_dir=path.parent), _nothing
     data = parse_document(text, source=source)
     config = validate_config_data(data, source=source, base_dir=path.parent)
-    return config, (functools.partial(parse_cache.keep, text, data) if text.lstrip()[:1] != "{" else _nothing)
+    if not kept:
+        return config, _nothing
+    return config, (functools.partial(parse_cache.keep, text, data) if yaml_text else parse_cache.forget)
 
 
 def _nothing() -> None:
@@ -299,6 +301,7 @@ def _answer_and_exit(work: Callable[[], Any], read_end: int, write_end: int,
             answer = ("error", (exc.source, exc.errors))
         with os.fdopen(write_end, "wb") as out:
             pickle.dump(answer, out, protocol=pickle.HIGHEST_PROTOCOL)
+        del answer  # the daemon has it: its memory is free for what is left to do
         for action in then or ():
             action()
     except BaseException:  # whatever happens here, the child must end here

@@ -327,7 +327,7 @@ class Database:
     def save_alarm_states(self, states: dict[str, str]) -> None:
         """Replace the saved alarm states (call inside the transaction that stores their events). Only what changed
         since the last save is written: in a storm of 50,000 raised alarms a rewrite took 100 ms each batch."""
-        saved = self._saved_states
+        saved, self._saved_states = self._saved_states, None  # unknown until every statement has gone through
         if saved is None:
             self.db.execute("DELETE FROM alarm_state")
             self.db.executemany("INSERT INTO alarm_state (id, state) VALUES (?, ?)", sorted(states.items()))

@@ -91,7 +91,9 @@ def _run(form: str, config: Path, listeners: list[socket.socket], root: Path) ->
         agent.wait(30)
     if form == "yaml":  # the loader's child keeps the parse once it has answered: wait until it is there
         deadline = time.monotonic() + TIMEOUT_S
-        while not (cache / FILE_NAME).exists() and time.monotonic() < deadline:
+        while not (cache / FILE_NAME).exists():
+            if time.monotonic() > deadline:  # the next form would time a parse and call it a kept one
+                raise SystemExit(f"bench.startup: no parse kept in {cache} within {TIMEOUT_S:g} s")
             time.sleep(0.1)
     return seconds
 

@@ -28,14 +28,14 @@ PER_DEVICE = 1000
 ABOVE, NORMAL = 97.0, 50.0  # the synthetic points' limits are high 90, high_high 95
 
 
-def _poll(device: int, value: float, ts: int) -> ReadingBatch:
+def _poll(device: int, values: list[float], ts: int) -> ReadingBatch:
     first = device * PER_DEVICE
-    return ReadingBatch(ts, list(range(first, first + PER_DEVICE)), array("f", [value] * PER_DEVICE).tolist(),
-                        [0] * PER_DEVICE)
+    return ReadingBatch(ts, list(range(first, first + PER_DEVICE)), array("f", values).tolist(), [0] * PER_DEVICE)
 
 
-def run(points: int, polls: int) -> float:
-    """The median milliseconds of `polls` device polls, each with one point changing state, every other raised."""
+def run(points: int, polls: int) -> tuple[float, float]:
+    """The median milliseconds of `polls` device polls, each with exactly one point changing state (a point not
+    cleared before goes back to normal) while every other stays raised; and the events a poll stored."""
     folder = Path(tempfile.mkdtemp(prefix="edge-agent-storm-"))
     data = synthetic_data(points, interval=1.0, port=1, store=str(folder / "store.db"), per_device=PER_DEVICE)
     config = validate_config_data(data, source="<storm>", base_dir=None)
@@ -43,20 +43,23 @@ def run(points: int, polls: int) -> float:
     store.open()
     pipeline = Pipeline(config, store)
     devices = points // PER_DEVICE
+    values = [[ABOVE] * PER_DEVICE for _ in range(devices)]  # what each point reads: every alarm raised
     ts = int(time.time() * 1000)
-    for device in range(devices):  # every point above both limits: every alarm raised
-        pipeline.ingest(_poll(device, ABOVE, ts))
+    for device in range(devices):
+        pipeline.ingest(_poll(device, values[device], ts))
     pipeline.flush()
     took = []
+    events = pipeline.events_out
     for k in range(polls):
         ts += 1000
-        batch = _poll(k % devices, ABOVE, ts)
-        batch.values[k % PER_DEVICE] = NORMAL if k % 2 == 0 else ABOVE  # cleared, then raised again
+        device, point = k % devices, (k // devices) % PER_DEVICE
+        values[device][point] = NORMAL if values[device][point] == ABOVE else ABOVE
+        batch = _poll(device, values[device], ts)
         started = time.perf_counter()
         pipeline.ingest(batch)
         took.append((time.perf_counter() - started) * 1000)
     store.close()
-    return statistics.median(took)
+    return statistics.median(took), (pipeline.events_out - events) / polls
 
 
 def main() -> None:
@@ -69,14 +72,17 @@ def main() -> None:
     if args.points < PER_DEVICE or args.polls < 1 or args.repeat < 1:
         parser.error(f"--points must be at least {PER_DEVICE}; --polls and --repeat positive")
     logging.disable(logging.WARNING)  # a line an alarm would be most of the time
-    runs = [run(args.points, args.polls) for _ in range(args.repeat)]
+    measured = [run(args.points, args.polls) for _ in range(args.repeat)]
+    runs = [ms for ms, _ in measured]
     result = {"poll_ms_in_storm": round(statistics.median(runs), 1), "spread": [round(min(runs), 1),
-              round(max(runs), 1)], "raised": 2 * args.points, "repeat": args.repeat}
+              round(max(runs), 1)], "events_per_poll": measured[0][1], "raised": 2 * args.points,
+              "repeat": args.repeat}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.points} points, {2 * args.points} alarms raised: {result['poll_ms_in_storm']} ms a device poll "
-              f"with one state change ({result['spread'][0]}..{result['spread'][1]}), median of {args.repeat}")
+              f"with one point changing state, {result['events_per_poll']:g} events stored a poll "
+              f"({result['spread'][0]}..{result['spread'][1]}), median of {args.repeat}")
 
 
 if __name__ == "__main__":
