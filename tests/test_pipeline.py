@@ -4,6 +4,7 @@ alarm events held while the store refuses writes, the archive, and recovery from
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 
 from agent.config.loader import parse_config
 from agent.config.models import AgentConfig
-from agent.core import GOOD, KIND_ALARM, KIND_DATA, ReadingBatch
+from agent.core import BAD, GOOD, KIND_ALARM, KIND_DATA, ReadingBatch
+from agent.errors import ResetRefused
 from agent.messages import read_body, read_readings
 from agent.pipeline.ingest import Pipeline
 from agent.store import Store
@@ -354,3 +356,70 @@ def test_alarm_events_are_held_from_the_uplink_until_their_log_is_on_disk(tmp_pa
 
         asyncio.run(main())
         assert os.path.exists(f"{store.path}-wal")
+
+
+STORM = """
+agent: {id: a1, enterprise: "e1"}
+uplink: {host: 127.0.0.1}
+channels:
+  - id: c1
+    driver: modbus_tcp
+    host: 127.0.0.1
+    devices:
+      - id: d1
+        comm_loss: 2
+        points:
+          - {id: A, address: 0, type: float32, limits: {high: 80, high_high: 90, low: 10, rate_rise: 600}}
+          - {id: B, address: 2, type: float32, latch: true, limits: {high: 80, low: 10, deadband: 2}}
+          - {id: C, address: 4, type: float32, latch: true, limits: {high_high: 90, delay: 2}}
+          - {id: D, address: 6, type: float32, range: [0, 100], limits: {high: 80},
+             quality: {frozen_after: 3s, range_end_delay: 2s}}
+          - {id: E, address: 8, type: float32, range: [0, 100], quality: {frozen_after: 3s}}
+"""
+
+
+def test_the_saved_alarm_states_follow_every_change_of_state(tmp_path: Path) -> None:
+    """States are saved as the changes the rules note (a latched alarm's silent change too), not as a rewrite of
+    every raised alarm: after every batch of events the table holds what the rules hold, through bad readings,
+    resets by hand, a reopen of the store and a new configuration."""
+    import random
+
+    rng = random.Random(5)
+    cfg = parse_config(STORM)
+    store = Store(tmp_path / "s.db").open()
+    pipeline = Pipeline(cfg, store)
+    values = [50.0, 50.0, 50.0, 50.0, 50.0]
+    ts = 1_000_000
+    checked = latched = quality = 0
+    for step in range(1500):
+        ts += 1000
+        n = len(pipeline.table)
+        for i in range(n):
+            moves = [-30, -5, 0, 0, 5, 30] if i < n - 1 else [0, 0, 0, 0, 0, 1]  # the last point mostly still
+            values[i] = min(max(values[i] + rng.choice(moves), -20.0), 120.0)
+        qualities = [GOOD if rng.random() > 0.05 else BAD for _ in range(n)]
+        out = pipeline.events_out
+        pipeline.ingest(ReadingBatch(ts, list(range(n)), [None if q == BAD else v for v, q in zip(values, qualities,
+                                                                                                  strict=False)],
+                                     qualities))
+        if rng.random() < 0.05:  # someone resets whatever latched alarm may be reset
+            for alarm in pipeline.alarms.active():
+                with contextlib.suppress(ResetRefused):
+                    pipeline.store_events([pipeline.alarms.reset(alarm, ts)])
+        if step == 700:  # the same store reopened, as after a restart
+            pipeline.flush()
+            store.close()
+            store.open()
+        if step == 1100:  # a new configuration (one point fewer) installed while running
+            pipeline.reconfigure(Pipeline.prepare(parse_config(STORM.replace(
+                "          - {id: A, address: 0, type: float32, limits: {high: 80, high_high: 90, low: 10, rate_rise: "
+                "600}}\n", ""))), ts, "configuration changed")
+            values = values[1:]
+        if pipeline.events_out != out or step in (700, 1100):
+            pipeline.store_events([])  # what a batch of events stores with them, if the step had none
+            assert store.alarm_states() == pipeline.alarm_states(), f"step {step}"
+            checked += 1
+            latched += "latched" in store.alarm_states().values()
+            quality += any(a.endswith("/data_quality") for a in store.alarm_states())
+    assert checked > 100 and latched and quality, "the walk must latch alarms and raise data_quality ones"
+    store.close()

@@ -152,6 +152,7 @@ class Pipeline:
                 unit = old_table.by_id[point].unit if point in old_table.by_id else ""
                 events.append(AlarmEvent(point, ALARM_TYPE, 1, "cleared", None, None, unit, now, why))
         self._register(set(parts.ids).difference(old_ids), parts.bools - old_bools)
+        self.store.forget_saved_states()  # other rules now: every state is written again
         self.store_events(events)  # the new states are saved with the events, in one synced commit
         return events
 
@@ -303,7 +304,7 @@ class Pipeline:
         """Store alarm events (and the engine's states) in one commit, synced apart; events the store refuses (a full
         disk) wait in memory, in order, and go first at the next attempt: an alarm event is never dropped."""
         bodies = self._unstored + [(alarm_body(self.identity, event), event.ts) for event in events]
-        states = self.alarm_states()
+        changes = {**self.alarms.changes(), **self.judge.changes()}
 
         first: list[int] = []
 
@@ -312,7 +313,7 @@ class Pipeline:
                 for body, ts in bodies:
                     seq = self.store.append(KIND_ALARM, 1, body, created=ts)
                     first.append(seq)
-                self.store.save_alarm_states(states)
+                self.store.save_alarm_states(self.alarm_states, changes)
             return True
 
         if self.store.attempt("storing alarm events", write) is None:

@@ -54,6 +54,7 @@ class AlarmEngine:
         self._halt_rules: list[HaltRule] = []
         self._waiting: set[Rule] = set()  # rules in their on-delay
         self._raised: set[Rule] = set()  # rules that may not be normal (checked when read)
+        self._changes: dict[str, str] = {}  # alarm id -> its new state, for every change since `changes` was asked
         bands: dict[int, tuple[float, float]] = {}  # points written alike share their limits object
         lo, hi = self._lo, self._hi
         for info in table.points:
@@ -114,8 +115,10 @@ class AlarmEngine:
                 for kind, level, attr, direction in LIMIT_KINDS:
                     limit = getattr(info.limits, attr)
                     if limit is not None:
-                        rules.append(LimitRule(info, kind, level, limit, direction, info.limits.deadband,
-                                               info.limits.delay, latch))
+                        rule = LimitRule(info, kind, level, limit, direction, info.limits.deadband, info.limits.delay,
+                                         latch)
+                        rule.book = self._changes
+                        rules.append(rule)
             self._limit_rules[index] = rules
         return rules
 
@@ -123,9 +126,11 @@ class AlarmEngine:
         rule = self._comm.get(index)
         if rule is None:
             rule = self._comm[index] = CommLossRule(self.table.points[index])
+            rule.book = self._changes
         return rule
 
     def _add(self, info: PointInfo, rule: Rule) -> None:
+        rule.book = self._changes
         self._other_rules[info.index] = (*(self._other_rules[info.index] or ()), rule)  # a tuple: 40 B less a point
         if rule.kind != "rate":  # a rate rule is found through its point
             self._named[rule.id] = rule
@@ -333,6 +338,12 @@ class AlarmEngine:
         if len(states) != len(self._raised):  # some went back to normal (one rule an id): forget them
             self._raised = {rule for rule in self._raised if rule.state != NORMAL}
         return states
+
+    def changes(self) -> dict[str, str | None]:
+        """Every alarm whose state changed since the last call: its state now, None when back to normal."""
+        changes = {alarm: (None if state == NORMAL else state) for alarm, state in self._changes.items()}
+        self._changes.clear()  # the same dict: every rule notes its changes in it
+        return changes
 
     def load(self, states: dict[str, str], now: int) -> list[str]:
         """Take back saved states (after a restart); returns ids that no longer exist in the configuration."""

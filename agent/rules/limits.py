@@ -25,8 +25,8 @@ NORMAL, RAISED, LATCHED = "normal", "raised", "latched"  # latched: raised, cond
 class Rule:
     """Common state of every rule: raised or not, latched or not, and the on-delay timer."""
 
-    __slots__ = ("delay_ms", "id", "info", "kind", "latch", "level", "limit", "pending_since", "pending_value",
-                 "pending_wall", "state", "unit")
+    __slots__ = ("_state", "book", "delay_ms", "id", "info", "kind", "latch", "level", "limit", "pending_since",
+                 "pending_value", "pending_wall", "unit")
 
     def __init__(self, info: PointInfo, kind: str, level: int, limit: float | None, delay: float, latch: bool,
                  unit: str | None = None) -> None:
@@ -37,11 +37,25 @@ class Rule:
         self.limit = limit
         self.delay_ms = round(delay * 1000)
         self.latch = latch
-        self.state = NORMAL
+        self._state = NORMAL
+        # where each change of state is noted (alarm id -> new state), for the store to save only what changed;
+        # the engine that owns the rule gives it (None: a rule on its own)
+        self.book: dict[str, str] | None = None
         self.pending_since: int | None = None
         self.pending_value: Any = None
         self.pending_wall = 0.0  # the agent's clock when the on-delay began: a device's clock may be off
         self.unit = info.unit if unit is None else unit
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        if state != self._state:
+            self._state = state
+            if self.book is not None:
+                self.book[self.id] = state
 
     def event(self, state: str, value: Any, ts: int, **extra: Any) -> AlarmEvent:
         shown = float(self.info.json_float % value) if type(value) is float else value

@@ -245,6 +245,7 @@ class QualityRules:
         self._spiky: set[int] = set()
         self._edge: dict[int, tuple[int, int]] = {}  # since ts, since wall ms
         self._raised: set[int] = set()
+        self._changed: set[int] = set()  # points whose data_quality alarm was raised or cleared since `changes`
         self._confirmed: list[tuple[int, float, int, int]] = []  # index, value, ts, quality
         self._last_scan = 0
         # online rate: per point, misses (polls at which its latest reading was not good); per device, polls
@@ -417,6 +418,7 @@ class QualityRules:
         info = self.table.points[i]
         p = self._profiles[self._prof[i]]
         limit: float | None = None
+        self._changed.add(i)
         if not holds:
             self._raised.discard(i)
             state, message = "cleared", "data quality back to normal"
@@ -511,6 +513,13 @@ class QualityRules:
         """What to save, as AlarmEngine.states() does: every raised data_quality alarm."""
         return {f"{self.table.points[i].id}/{ALARM_TYPE}": "raised" for i in self._raised}
 
+    def changes(self) -> dict[str, str | None]:
+        """As AlarmEngine.changes(): each data_quality alarm raised ("raised") or cleared (None) since the last call."""
+        points, raised = self.table.points, self._raised
+        changes = {f"{points[i].id}/{ALARM_TYPE}": ("raised" if i in raised else None) for i in self._changed}
+        self._changed = set()
+        return changes
+
     def load(self, states: dict[str, str], now: int) -> list[str]:
         """Take back saved states (the engine's and these may come in one dict: other ids are let be); returns the
         data_quality ids no longer configured. A restored alarm stays raised, without a new event, until the
@@ -527,6 +536,7 @@ class QualityRules:
             if info.index in self._raised:
                 continue  # taken over from the configuration before (`carry`), with its state
             self._raised.add(info.index)
+            self._changed.add(info.index)
             self._flags[info.index] |= _RESTORED
         return unknown
 
@@ -566,7 +576,9 @@ class QualityRules:
             theirs_map: dict[int, Any] = getattr(old, name)
             getattr(self, name).update({moved[i]: v for i, v in theirs_map.items() if i in moved})
         self._spiky |= {moved[i] for i in old._spiky if i in moved}
-        self._raised |= {moved[i] for i in old._raised if i in moved}
+        carried = {moved[i] for i in old._raised if i in moved}
+        self._raised |= carried
+        self._changed |= carried
         for name in ("_hour_start", "_hour_end", "_prev_hour_end", "_day_start", "_day_end", "_prev_day_start",
                      "_prev_day_end", "_counting_since", "_prev_from", "_last_scan"):
             setattr(self, name, getattr(old, name))
