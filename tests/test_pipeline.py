@@ -358,15 +358,7 @@ def test_alarm_events_are_held_from_the_uplink_until_their_log_is_on_disk(tmp_pa
         assert os.path.exists(f"{store.path}-wal")
 
 
-STORM = """
-agent: {id: a1, enterprise: "e1"}
-uplink: {host: 127.0.0.1}
-channels:
-  - id: c1
-    driver: modbus_tcp
-    host: 127.0.0.1
-    devices:
-      - id: d1
+STORM = CONFIG.split("      - id: d1")[0] + """      - id: d1
         comm_loss: 2
         points:
           - {id: A, address: 0, type: float32, limits: {high: 80, high_high: 90, low: 10, rate_rise: 600}}
