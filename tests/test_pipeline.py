@@ -361,57 +361,84 @@ def test_alarm_events_are_held_from_the_uplink_until_their_log_is_on_disk(tmp_pa
 STORM = CONFIG.split("      - id: d1")[0] + """      - id: d1
         comm_loss: 2
         points:
-          - {id: A, address: 0, type: float32, limits: {high: 80, high_high: 90, low: 10, rate_rise: 600}}
+          - {id: A, address: 0, type: float32, limits: {high: 80, high_high: 90, low: 10, rate_rise: 60}}
           - {id: B, address: 2, type: float32, latch: true, limits: {high: 80, low: 10, deadband: 2}}
           - {id: C, address: 4, type: float32, latch: true, limits: {high_high: 90, delay: 2}}
           - {id: D, address: 6, type: float32, range: [0, 100], limits: {high: 80},
              quality: {frozen_after: 3s, range_end_delay: 2s}}
           - {id: E, address: 8, type: float32, range: [0, 100], quality: {frozen_after: 3s}}
+          - {id: F1, address: 10, fault_of: A}
+          - {id: F2, address: 11, fault_of: A}
+          - {id: HC, address: 12}
+          - {id: P, address: 13, type: float32, unit: kW}
+zones:
+  - {id: Z1, head_count: HC, limit: 5, color: red, duration: 2s}
+  - {id: Z2, head_count: HC, limit: 10, color: red, duration: 0s}
+power:
+  meters:
+    - {id: M1, active_power: P, idle_kw: 5, delay: 2s}
 """
+WALKS = {"A": (-30, -5, 0, 0, 5, 30), "B": (-30, -5, 0, 0, 5, 30), "C": (-30, -5, 0, 0, 5, 30),
+         "D": (-30, -5, 0, 0, 5, 30), "E": (0, 0, 0, 0, 0, 1), "HC": (-3, -1, 0, 0, 1, 3), "P": (-4, 0, 0, 4)}
 
 
 def test_the_saved_alarm_states_follow_every_change_of_state(tmp_path: Path) -> None:
     """States are saved as the changes the rules note (a latched alarm's silent change too), not as a rewrite of
-    every raised alarm: after every batch of events the table holds what the rules hold, through bad readings,
-    resets by hand, a reopen of the store and a new configuration."""
+    every raised alarm: after every batch of events the table holds what the rules hold, through bad readings and
+    comm_loss, rate, fault, crowding (two zones: one alarm id) and halt alarms, on-delays elapsing without a reading,
+    resets by hand, production halted and resumed, writes the store refuses, a reopen and a new configuration."""
     import random
 
     rng = random.Random(5)
-    cfg = parse_config(STORM)
     store = Store(tmp_path / "s.db").open()
-    pipeline = Pipeline(cfg, store)
-    values = [50.0, 50.0, 50.0, 50.0, 50.0]
+    pipeline = Pipeline(parse_config(STORM), store)
+    append, refusing = store.append, [False]
+
+    def refused(*args: object, **kwargs: object) -> int:
+        if refusing[0]:
+            raise sqlite3.OperationalError("disk I/O error")
+        return append(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.append = refused  # type: ignore[method-assign]
+    values = {"A": 50.0, "B": 50.0, "C": 50.0, "D": 50.0, "E": 50.0, "F1": 0, "F2": 0, "HC": 3.0, "P": 8.0}
+    bad_run = 0
     ts = 1_000_000
-    checked = latched = quality = 0
+    seen: set[str] = set()
+    checked = 0
     for step in range(1500):
         ts += 1000
-        n = len(pipeline.table)
-        for i in range(n):
-            moves = [-30, -5, 0, 0, 5, 30] if i < n - 1 else [0, 0, 0, 0, 0, 1]  # the last point mostly still
-            values[i] = min(max(values[i] + rng.choice(moves), -20.0), 120.0)
-        qualities = [GOOD if rng.random() > 0.05 else BAD for _ in range(n)]
+        for point, moves in WALKS.items():
+            values[point] = min(max(values[point] + rng.choice(moves), -20.0), 120.0)
+        values["F1"], values["F2"] = int(rng.random() < 0.05), int(rng.random() < 0.05)
+        bad_run = bad_run - 1 if bad_run else (4 if rng.random() < 0.03 else 0)  # B unreadable 4 polls in a row
+        points = [info.id for info in pipeline.table.points]
+        qualities = [BAD if (p == "B" and bad_run) or rng.random() < 0.02 else GOOD for p in points]
+        refusing[0] = rng.random() < 0.03
         out = pipeline.events_out
-        pipeline.ingest(ReadingBatch(ts, list(range(n)), [None if q == BAD else v for v, q in zip(values, qualities,
-                                                                                                  strict=False)],
+        pipeline.ingest(ReadingBatch(ts, list(range(len(points))),
+                                     [None if q == BAD else values[p] for p, q in zip(points, qualities, strict=True)],
                                      qualities))
+        refusing[0] = False
+        pipeline.store_events(pipeline.alarms.tick(int(time.time() * 1000) + 60_000))  # on-delays run out
         if rng.random() < 0.05:  # someone resets whatever latched alarm may be reset
             for alarm in pipeline.alarms.active():
                 with contextlib.suppress(ResetRefused):
                     pipeline.store_events([pipeline.alarms.reset(alarm, ts)])
+        if step % 97 == 0:  # production halted, then resumed
+            pipeline.store_events(pipeline.alarms.set_halted(step % 194 == 0, ts))
         if step == 700:  # the same store reopened, as after a restart
             pipeline.flush()
             store.close()
             store.open()
         if step == 1100:  # a new configuration (one point fewer) installed while running
             pipeline.reconfigure(Pipeline.prepare(parse_config(STORM.replace(
-                "          - {id: A, address: 0, type: float32, limits: {high: 80, high_high: 90, low: 10, rate_rise: "
-                "600}}\n", ""))), ts, "configuration changed")
-            values = values[1:]
+                "          - {id: E, address: 8, type: float32, range: [0, 100], quality: {frozen_after: 3s}}\n",
+                ""))), ts, "configuration changed")
         if pipeline.events_out != out or step in (700, 1100):
-            pipeline.store_events([])  # what a batch of events stores with them, if the step had none
+            pipeline.store_events([])  # what a batch of events stores with them, and any the store refused
             assert store.alarm_states() == pipeline.alarm_states(), f"step {step}"
             checked += 1
-            latched += "latched" in store.alarm_states().values()
-            quality += any(a.endswith("/data_quality") for a in store.alarm_states())
-    assert checked > 100 and latched and quality, "the walk must latch alarms and raise data_quality ones"
+            seen.update(f"{a.rpartition('/')[2]}:{s}" for a, s in store.alarm_states().items())
+    kinds = {"latched", "data_quality", "comm_loss", "rate", "fault", "crowding", "halt_violation"}
+    assert checked > 100 and kinds <= {part for k in seen for part in k.split(":")}, sorted(seen)
     store.close()

@@ -316,7 +316,13 @@ class Pipeline:
                 self.store.save_alarm_states(self.alarm_states, changes)
             return True
 
-        if self.store.attempt("storing alarm events", write) is None:
+        try:
+            stored = self.store.attempt("storing alarm events", write)
+        except BaseException:
+            self.store.forget_saved_states()  # the changes taken are lost: the next save writes every state
+            raise
+        if stored is None:
+            self.store.forget_saved_states()
             if len(bodies) > _MAX_UNSTORED_EVENTS:
                 log.error("alarm events waiting for the store: %d, the oldest beyond %d are dropped",
                           len(bodies), _MAX_UNSTORED_EVENTS)

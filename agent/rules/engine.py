@@ -55,6 +55,7 @@ class AlarmEngine:
         self._waiting: set[Rule] = set()  # rules in their on-delay
         self._raised: set[Rule] = set()  # rules that may not be normal (checked when read)
         self._changes: dict[str, str] = {}  # alarm id -> its new state, for every change since `changes` was asked
+        self._shared: dict[str, list[Rule]] = {}  # rules that share one alarm id (two zones on one head count)
         bands: dict[int, tuple[float, float]] = {}  # points written alike share their limits object
         lo, hi = self._lo, self._hi
         for info in table.points:
@@ -99,7 +100,7 @@ class AlarmEngine:
     def _settle(self, index: int) -> None:
         """Give a point its quiet band back if every limit rule it has is normal with no on-delay running."""
         for rule in self._limit_rules.get(index, ()):
-            if rule.state != NORMAL or rule.pending_since is not None:
+            if rule._state != NORMAL or rule.pending_since is not None:  # past the property: once a reading
                 self._lo[index], self._hi[index] = _INF, -_INF
                 return
         self._lo[index], self._hi[index] = self._band(self.table.points[index])
@@ -133,6 +134,8 @@ class AlarmEngine:
         rule.book = self._changes
         self._other_rules[info.index] = (*(self._other_rules[info.index] or ()), rule)  # a tuple: 40 B less a point
         if rule.kind != "rate":  # a rate rule is found through its point
+            if rule.id in self._named:
+                self._shared.setdefault(rule.id, [self._named[rule.id]]).append(rule)
             self._named[rule.id] = rule
 
     def _domain_rules(self, config: AgentConfig, faults: list[tuple[str, str]]) -> None:
@@ -335,13 +338,21 @@ class AlarmEngine:
     def states(self) -> dict[str, str]:
         """What to save: the state of every alarm that is not normal."""
         states = {rule.id: rule.state for rule in self._raised if rule.state != NORMAL}
-        if len(states) != len(self._raised):  # some went back to normal (one rule an id): forget them
+        if len(states) != len(self._raised):  # some went back to normal (or share an id): forget those
             self._raised = {rule for rule in self._raised if rule.state != NORMAL}
+        for alarm, rules in self._shared.items():
+            if alarm in states:
+                states[alarm] = _standing(rules)
         return states
 
     def changes(self) -> dict[str, str | None]:
         """Every alarm whose state changed since the last call: its state now, None when back to normal."""
-        changes = {alarm: (None if state == NORMAL else state) for alarm, state in self._changes.items()}
+        changes: dict[str, str | None] = {}
+        for alarm, state in self._changes.items():
+            shared = self._shared.get(alarm)
+            if shared is not None:
+                state = _standing(shared)
+            changes[alarm] = None if state == NORMAL else state
         self._changes.clear()  # the same dict: every rule notes its changes in it
         return changes
 
@@ -360,3 +371,9 @@ class AlarmEngine:
             if isinstance(rule, LimitRule):
                 self._settle(rule.info.index)
         return unknown
+
+
+def _standing(rules: list[Rule]) -> str:
+    """The state of an alarm id several rules share: it stands while any of them does, raised before latched."""
+    states = {rule.state for rule in rules}
+    return RAISED if RAISED in states else LATCHED if LATCHED in states else NORMAL

@@ -63,7 +63,7 @@ class Rule:
 
     def step(self, beyond: bool, back: bool, value: Any, ts: int) -> AlarmEvent | None:
         """Advance on one observation: `beyond` the condition holds, `back` it is gone (with hysteresis)."""
-        if self.state == NORMAL:
+        if self._state == NORMAL:  # read past the property: this runs for every reading of a rule's point
             if not beyond:
                 self.pending_since = None
                 return None
@@ -76,13 +76,13 @@ class Rule:
             self.pending_since = None
             self.state = RAISED
             return self.event("raised", value, ts)
-        if self.state == RAISED and back:
+        if self._state == RAISED and back:
             if self.latch:
                 self.state = LATCHED  # stays raised for the platform until someone resets it
                 return None
             self.state = NORMAL
             return self.event("cleared", value, ts)
-        if self.state == LATCHED and beyond:
+        if self._state == LATCHED and beyond:
             self.state = RAISED  # the condition came back before the reset: still the same alarm
         return None
 
@@ -92,7 +92,7 @@ class Rule:
 
     def elapse(self, now: int) -> AlarmEvent | None:
         """Time passes with no new reading (a value held still, sent only on change): the on-delay runs on."""
-        if self.state != NORMAL or self.pending_since is None or now - self.pending_wall < self.delay_ms:
+        if self._state != NORMAL or self.pending_since is None or now - self.pending_wall < self.delay_ms:
             return None
         ts = self.pending_since + self.delay_ms  # in the device's time, like the readings' own
         self.pending_since = None
@@ -286,7 +286,7 @@ class RateRule(Rule):
     def judge(self, rate: float, ts: int) -> AlarmEvent | None:
         too_fast_up = self.rise is not None and rate >= self.rise
         too_fast_down = self.fall is not None and -rate >= self.fall
-        if not (too_fast_up or too_fast_down) and self.state == NORMAL:
+        if not (too_fast_up or too_fast_down) and self._state == NORMAL:
             self.pending_since = None  # the usual case, as step() would take it, without its cost
             return None
         if too_fast_up or too_fast_down:
