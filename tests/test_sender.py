@@ -72,3 +72,20 @@ def test_a_row_not_sent_is_fetched_again() -> None:
     plan.backlog_held(KIND_ALARM)  # ... but the client refused the first row
     again = plan.backlog_request(0, 0)
     assert again is not None and again.kind == KIND_ALARM and again.after == 0
+
+
+def test_a_backlog_cut_short_by_events_not_yet_on_disk_is_not_done() -> None:
+    """At a reconnect, alarm events whose log is not yet synced hold back every message after them: a fetch that
+    stops there has not seen the end of the backlog, which is fetched again once they are released."""
+    plan = Sender(boundary=50, window=100, rate=10_000, now=0.0)
+    request = plan.backlog_request(0, 0)
+    assert request is not None and request.kind == KIND_ALARM
+    plan.backlog_fetched(request, 0, held_after=20)  # nothing up to seq 20, the rest held
+    assert not plan.backlog_done
+    again = plan.backlog_request(0, 0)
+    assert again is not None and again.kind == KIND_ALARM and again.upto == 50
+    plan.backlog_fetched(again, 0, held_after=None)  # released: and truly none left
+    data = plan.backlog_request(0, 0)
+    assert data is not None and data.kind == KIND_DATA
+    plan.backlog_fetched(data, 3, held_after=60)  # a hold above the boundary cuts nothing
+    assert plan.backlog_done

@@ -4,6 +4,7 @@ process, a real mosquitto that we stop and start, and the platform simulator che
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import now_ms, wait_until
 
 from agent.config.points import PointTable
 from agent.core import GOOD, KIND_DATA, ReadingBatch
@@ -237,3 +238,51 @@ def test_live_readings_keep_their_latency_while_a_long_backlog_replays(
     # live data never waits for history: were it queued behind the backlog, lags would reach tens of seconds
     assert max(during) < 5000, f"live data waited {max(during):.0f} ms behind the backlog"
     platform.stop()
+
+
+def test_what_is_held_at_a_reconnect_goes_once_the_alarm_events_before_it_are_on_disk(
+        tmp_path: Path, broker: Any) -> None:
+    """An alarm event is held from the uplink (with everything stored after it) until a worker thread has synced
+    its log. A connection that begins meanwhile must send the held backlog once it is released, not leave it for
+    the next reconnect: in-process uplink, real store, real mosquitto, the platform simulator counting."""
+    import asyncio
+
+    from agent.config.loader import validate_config_data
+    from agent.pipeline.ingest import Pipeline
+    from agent.uplink.uplink import Uplink
+
+    data = site(1, broker.port, tmp_path / "s.db", points=10, interval=1.0)
+    config = validate_config_data(data, source="<test>", base_dir=None)
+    store = Store(config.store.path).open()
+    pipeline = Pipeline(config, store)
+    for n in range(6):  # six data messages of ten readings: seq 1..6, all stored before the connection
+        pipeline.ingest(ReadingBatch(now_ms() + n, list(range(10)), [float(n)] * 10, [GOOD] * 10))
+        pipeline.flush()
+    assert store.last_seq() == 6
+    store.hold_after = 2  # as while an alarm event stored as seq 3 waits for its log to reach the disk
+    platform = PlatformSimulator("127.0.0.1", broker.port, PREFIX)
+    platform.start()
+
+    async def scenario() -> None:
+        uplink = Uplink(config.uplink, config.agent, store, version="t", config_version="t")
+        running = asyncio.get_running_loop().create_task(uplink.run())
+        try:
+            await asyncio.sleep(1.5)  # connected, and what it may send sent (the backlog's data wait behind it)
+            assert len(platform.readings()) <= 20, "nothing after the hold goes"
+            store.hold_after = None  # the log is synced: what was held may go
+            uplink.wake()
+            for _ in range(200):
+                if len(platform.readings()) >= 60:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(platform.readings()) == 60, "the held backlog went on the same connection"
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        platform.stop()
+        store.close()

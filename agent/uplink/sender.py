@@ -70,9 +70,11 @@ class Sender:
             return BacklogRequest(KIND_ALARM, self.alarm_after, self.boundary, limit)
         return BacklogRequest(KIND_DATA, self.data_after, self.boundary, limit)
 
-    def backlog_fetched(self, request: BacklogRequest, rows: int) -> None:
-        """Fewer rows than asked: that kind of backlog is exhausted (unless a send is refused below)."""
-        if rows < request.limit:
+    def backlog_fetched(self, request: BacklogRequest, rows: int, held_after: int | None = None) -> None:
+        """Fewer rows than asked: that kind of backlog is exhausted (unless a send is refused below), unless the
+        fetch stopped at `held_after`, below `request.upto` (alarm events not yet on disk hold back what follows
+        them): the rest of the backlog is fetched once they are released."""
+        if rows < request.limit and (held_after is None or held_after >= request.upto):
             self._set_done(request.kind, True)
 
     def may_send_backlog(self) -> bool:

@@ -375,9 +375,10 @@ class Uplink:
             request = plan.backlog_request(len(session.inflight), len(session.hist_mids))
             if request is not None:
                 kinds = EVENT_KINDS if request.kind == KIND_ALARM else (request.kind,)
-                upto = request.upto if self.store.hold_after is None else min(request.upto, self.store.hold_after)
+                held = self.store.hold_after
+                upto = request.upto if held is None else min(request.upto, held)
                 rows = self.store.fetch(request.after, upto=upto, kinds=kinds, limit=request.limit)
-                plan.backlog_fetched(request, len(rows))
+                plan.backlog_fetched(request, len(rows), held)
                 for row in rows:
                     if not plan.may_send_backlog() or not session.publish_stored(row, hist=True):
                         plan.backlog_held(row.kind)
