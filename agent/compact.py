@@ -8,6 +8,7 @@ It never touches the store or the network: the store keeps the maps and the bodi
 from __future__ import annotations
 
 import hashlib
+import re
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
@@ -17,6 +18,7 @@ import orjson
 
 from agent.config.points import PointTable
 from agent.core import GOOD, REASONS, ReadingBatch
+from agent.trust.canonical import MAX_SAFE_INTEGER, NotCanonical, canonical_bytes
 
 # a compact stored body begins with its map id: the uplink frames it as version 2, readers tell it by this
 PREFIX = b'"map":"'
@@ -33,6 +35,31 @@ _BOOL_TEXT = {True: "true", False: "false"}
 _REASON_TEXT = {reason: f'"{reason}"' for reason in REASONS}
 _VALUE_TYPES = frozenset({type(None), bool, int, float})
 _NONE = type(None)
+# formats whose text, when it has no exponent, NaN, infinity or negative zero, is the number as RFC 8785 writes it:
+# at most 15 significant digits name one double, and %g drops trailing zeros (agent.seal relies on it)
+_EXACT_FORMAT = re.compile(r"%\.(?:[1-9]|1[0-5])g")
+
+
+class _Body:
+    """What a body gathers while it is encoded: its groups and `q` entries as text, and whether every number in it
+    is written as RFC 8785 writes it."""
+
+    __slots__ = ("exact", "flags", "groups")
+
+    def __init__(self, exact: bool) -> None:
+        self.groups: list[str] = []
+        self.flags: list[str] = []
+        self.exact = exact
+
+
+class EntryReady(bytes):
+    """A stored compact body that carries its entry bytes (agent.trust.chain.entry_bytes) but for the `chain` and
+    `seq` members: `entry_head` + `,"chain":..` + `entry_tail` + `,"seq":..,"v":2}`. agent.seal takes them as they
+    are instead of reading the body back; only CompactEncoder makes one, when every number in it is written as RFC
+    8785 writes it."""
+
+    entry_head: bytes
+    entry_tail: bytes
 
 
 def map_id_of(devices_json: bytes) -> str:
@@ -98,20 +125,28 @@ def parse_map(message: bytes) -> list[list[str]] | None:
     return devices
 
 
-def _values_text(values: list[Any], fmts: list[str]) -> str:
-    """Values as JSON, each float with its point's format (as version 1 prints it); a loop in C per common kind."""
+def _values_text(values: list[Any], fmts: list[str]) -> tuple[str, bool]:
+    """Values as JSON, each float with its point's format (as version 1 prints it); a loop in C per common kind.
+    Also whether RFC 8785 writes every value so, given formats that _EXACT_FORMAT takes (the caller checks them)."""
     kinds = set(map(type, values))
     if len(kinds) == 1:
         kind = kinds.pop()
         if kind is float:
-            return ",".join(fmts) % tuple(values)  # one formatting call: twice as fast as one a value
+            text = ",".join(fmts) % tuple(values)  # one formatting call: twice as fast as one a value
+            # an exponent, nan, inf ("n") or -0 is written otherwise by RFC 8785
+            return text, not ("e" in text or "n" in text or "-0," in text or text.endswith("-0"))
         if kind is bool:
-            return ",".join(map(_BOOL_TEXT.__getitem__, values))
+            return ",".join(map(_BOOL_TEXT.__getitem__, values)), True
         if kind is _NONE:
-            return ",".join(repeat("null", len(values)))
+            return ",".join(repeat("null", len(values))), True
         if kind is int:
-            return ",".join(map(str, values))
-    return ",".join([_value_text(fmt, value) for fmt, value in zip(fmts, values, strict=True)])
+            return ",".join(map(str, values)), min(values) >= -MAX_SAFE_INTEGER and max(values) <= MAX_SAFE_INTEGER
+    text = ",".join([_value_text(fmt, value) for fmt, value in zip(fmts, values, strict=True)])
+    exact = kinds <= _VALUE_TYPES and not ("e+" in text or "e-" in text or "nan" in text or "inf" in text
+                                           or "-0," in text or text.endswith("-0"))
+    if exact and int in kinds:
+        exact = all(-MAX_SAFE_INTEGER <= v <= MAX_SAFE_INTEGER for v in values if type(v) is int)
+    return text, exact
 
 
 def _value_text(fmt: str, value: Any) -> str:
@@ -150,11 +185,22 @@ class CompactEncoder:
             self._start.append(indices[0] if consecutive else -1)
             self._fmts.append([self._fmt[i] for i in indices])
         self._head = '"map":"' + self.map.id + '",' + identity + '"g":['
+        # the entry bytes around the groups, members in RFC 8785 order; None: every body goes the seal's long way
+        self._entry: tuple[bytes, str, str] | None = None
+        names = orjson.loads("{" + identity.rstrip(",") + "}")
+        try:
+            agent = canonical_bytes({"agent": names["agent"]})[:-1]
+            enterprise = canonical_bytes({"enterprise": names["enterprise"]})[1:-1].decode()
+        except (KeyError, NotCanonical):
+            pass
+        else:
+            if all(_EXACT_FORMAT.fullmatch(fmt) for fmt in set(self._fmt)):
+                self._entry = (agent, "," + enterprise + ',"g":[', '],"map":"' + self.map.id + '"')
 
     def body(self, batches: Iterable[ReadingBatch]) -> tuple[bytes, int]:
-        """The stored body (it begins with PREFIX) and the number of readings in it."""
-        groups: list[str] = []
-        flags: list[str] = []
+        """The stored body (it begins with PREFIX; an EntryReady when it can be) and the number of readings in
+        it."""
+        out = _Body(self._entry is not None)
         count = 0
         for batch in batches:
             n = len(batch.indices)
@@ -162,10 +208,13 @@ class CompactEncoder:
                 continue
             count += n
             stamps = batch.stamps
+            first, last = (batch.ts, batch.ts) if stamps is None else (min(stamps), max(stamps))
+            if not -MAX_SAFE_INTEGER <= first <= last <= MAX_SAFE_INTEGER:
+                out.exact = False
             if stamps is None:
-                self._add(batch, None, str(batch.ts), None, groups, flags)
-            elif min(stamps) == max(stamps):
-                self._add(batch, None, str(stamps[0]), None, groups, flags)
+                self._add(batch, None, str(batch.ts), None, out)
+            elif first == last:
+                self._add(batch, None, str(stamps[0]), None, out)
             else:
                 by_time: dict[int, list[int]] = {}
                 for p, t in enumerate(stamps):
@@ -177,14 +226,22 @@ class CompactEncoder:
                 # a group per sample time when times are shared enough to pay for a group's keys; else a `t` list
                 if len(by_time) * 3 <= n:
                     for t, positions in by_time.items():
-                        self._add(batch, positions, str(t), None, groups, flags)
+                        self._add(batch, positions, str(t), None, out)
                 else:
-                    self._add(batch, None, "", stamps, groups, flags)
-        text = self._head + ",".join(groups) + ("]}" if not flags else '],"q":[' + ",".join(flags) + "]}")
-        return text.encode(), count
+                    self._add(batch, None, "", stamps, out)
+        joined = ",".join(out.groups)
+        rest = "]}" if not out.flags else '],"q":[' + ",".join(out.flags) + "]}"
+        body = (self._head + joined + rest).encode()
+        if self._entry is None or not out.exact:
+            return body, count
+        ready = EntryReady(body)
+        head, before, after = self._entry
+        ready.entry_head = head
+        ready.entry_tail = (before + joined + after + rest[1:-1]).encode()  # `q` sorts after `map`
+        return ready, count
 
     def _add(self, batch: ReadingBatch, positions: list[int] | None, ts: str, stamps: list[int] | None,
-             groups: list[str], flags: list[str]) -> None:
+             out: _Body) -> None:
         """Readings of a batch (all, or those at `positions`) sharing one time `ts`, or each its own in `stamps`."""
         indices, values, qualities, reasons = batch.indices, batch.values, batch.qualities, batch.reasons
         if positions is not None:
@@ -199,12 +256,12 @@ class CompactEncoder:
         if start >= 0 and self._device[indices[-1]] == d and indices == self._all[first:first + n]:
             o = first - start
             t = ts if stamps is None else "[" + ",".join(map(str, stamps)) + "]"
-            self._group(d, str(o), t, values, self._fmts[d][o:o + n], qualities, reasons, groups, flags)
+            self._group(d, str(o), t, values, self._fmts[d][o:o + n], qualities, reasons, out)
             return
         # a subset (data changes), or a batch with a derived point: one group per device, in the batch's order
         devices = list(map(self._device.__getitem__, indices))
         if min(devices) == max(devices):
-            self._subset(d, indices, None, ts, stamps, values, qualities, reasons, groups, flags)
+            self._subset(d, indices, None, ts, stamps, values, qualities, reasons, out)
             return
         by_device: dict[int, list[int]] = {}
         for p, d in enumerate(devices):
@@ -215,12 +272,10 @@ class CompactEncoder:
                 same.append(p)
         for d, ps in by_device.items():
             self._subset(d, [indices[p] for p in ps], ps, ts, stamps, [values[p] for p in ps],
-                         [qualities[p] for p in ps], [reasons[p] for p in ps] if reasons is not None else None,
-                         groups, flags)
+                         [qualities[p] for p in ps], [reasons[p] for p in ps] if reasons is not None else None, out)
 
     def _subset(self, d: int, indices: list[int], positions: list[int] | None, ts: str, stamps: list[int] | None,
-                values: list[Any], qualities: list[int], reasons: list[str | None] | None, groups: list[str],
-                flags: list[str]) -> None:
+                values: list[Any], qualities: list[int], reasons: list[str | None] | None, out: _Body) -> None:
         """Points of device d in any order: their offsets listed, unless they are consecutive after all."""
         offsets = list(map(self._offset.__getitem__, indices))
         first = offsets[0]
@@ -230,14 +285,18 @@ class CompactEncoder:
         else:
             own = stamps if positions is None else [stamps[p] for p in positions]
             t = "[" + ",".join(map(str, own)) + "]"
-        self._group(d, o, t, values, list(map(self._fmt.__getitem__, indices)), qualities, reasons, groups, flags)
+        self._group(d, o, t, values, list(map(self._fmt.__getitem__, indices)), qualities, reasons, out)
 
     @staticmethod
     def _group(d: int, o: str, t: str, values: list[Any], fmts: list[str], qualities: list[int],
-               reasons: list[str | None] | None, groups: list[str], flags: list[str]) -> None:
-        g = len(groups)
-        groups.append(f'{{"d":{d},"t":{t},"o":{o},"v":[{_values_text(values, fmts)}]}}')
+               reasons: list[str | None] | None, out: _Body) -> None:
+        g = len(out.groups)
+        text, exact = _values_text(values, fmts)
+        out.exact = out.exact and exact
+        # members in RFC 8785 order, so the group is its own entry bytes (EntryReady)
+        out.groups.append(f'{{"d":{d},"o":{o},"t":{t},"v":[{text}]}}')
         if any(qualities):  # only the readings that are not good are listed
+            flags = out.flags
             for p, q in enumerate(qualities):
                 if q:
                     code = reasons[p] if reasons is not None else None

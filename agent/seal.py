@@ -3,9 +3,11 @@
 every replay carry the same `chain` and `sig`.
 
 The entry bytes are RFC 8785, and the generic encoder costs about 4 µs a reading, more than the whole data path may
-add; so a `data` body takes one of two fast roads. A version 1 body that agent.messages wrote in RFC 8785 form
+add; so a `data` body takes one of three fast roads. A version 1 body that agent.messages wrote in RFC 8785 form
 already (a SealReady: members in order, every number as ECMAScript writes it, which is the rule) is hashed as it
-is, with `chain`, `seq` and `v` put in their places. Any other `data` body is read back and written by orjson with
+is, with `chain`, `seq` and `v` put in their places. A compact body whose numbers are all written so (an
+EntryReady, from agent.compact) carries its entry bytes but for `chain` and `seq`, which go in their places. Any
+other `data` body is read back and written by orjson with
 sorted members, which is RFC 8785 except for some numbers (`12.0`, `1e+16`, `1e-6`, integers beyond 2^53): only
 those are rewritten. Anything the fast roads are not sure of (and alarm events and daily reports, a few a day)
 goes the generic way. All give the same bytes (tests/test_fuzz_chain.py proves it for every body the encoders
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from agent.compact import PREFIX
+from agent.compact import PREFIX, EntryReady
 from agent.messages import SealReady
 from agent.trust.canonical import MAX_SAFE_INTEGER, format_number
 from agent.trust.chain import CHAIN, Head, entry_bytes, entry_hash, link_member
@@ -67,6 +69,9 @@ class Sealer:
 def body_entry_bytes(body: bytes, seq: int, chain: dict[str, Any], *, data: bool) -> bytes:
     """The entry bytes (agent.trust.chain.entry_bytes) of the message a stored body becomes with this seq and
     chain member, by the fast road for a `data` body; ValueError when the body is not a JSON object."""
+    if type(body) is EntryReady:  # a compact body that carries its entry bytes: written so by agent.compact
+        return b'%s,"chain":%s%s,"seq":%d,"v":2}' % (body.entry_head, orjson.dumps(chain, option=_SORTED),
+                                                     body.entry_tail, seq)
     if isinstance(body, SealReady) and not body.startswith(PREFIX):  # written so by agent.messages: taken as it is
         cut = body.agent_end
         return b"{%s,\"chain\":%s%s,\"seq\":%d,\"v\":1}" % (body[:cut], orjson.dumps(chain, option=_SORTED),

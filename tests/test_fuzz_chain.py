@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_fuzz_compact import ENCODER, IDENTITY, TABLE, batches
 
+from agent.compact import EntryReady
 from agent.core import AlarmEvent, ReadingBatch
 from agent.messages import SealReady, alarm_body, data_body, frame
 from agent.seal import Sealer, body_entry_bytes
@@ -46,11 +47,13 @@ def test_the_fast_road_gives_the_generic_bytes_for_every_body_the_encoders_write
         batch_list: list[ReadingBatch], compact: bool) -> None:
     body = ENCODER.body(batch_list)[0] if compact else data_body(IDENTITY, TABLE.points, batch_list)[0]
     assert body_entry_bytes(body, 42, LINK, data=True) == generic(body, 42, LINK)
-    assert compact or isinstance(body, SealReady) == all(map(written_as_rfc_8785, batch_list))
+    # each encoder's own road is taken exactly when its numbers are written as RFC 8785 writes them
+    assert isinstance(body, EntryReady if compact else SealReady) == all(map(written_as_rfc_8785, batch_list))
 
 
 def written_as_rfc_8785(batch: ReadingBatch) -> bool:
-    """Whether data_body writes every value of the batch as RFC 8785 does: the rule (then the seal's first road)."""
+    """Whether the encoders write every value of the batch as RFC 8785 does: the rule (then the seal takes their
+    road)."""
     for index, value in zip(batch.indices, batch.values, strict=True):
         if type(value) is int and abs(value) > 2**53 - 1:
             return False
@@ -58,6 +61,17 @@ def written_as_rfc_8785(batch: ReadingBatch) -> bool:
                                      or TABLE.points[index].json_float % value == "-0"):
             return False
     return True
+
+
+@pytest.mark.parametrize("values", [[2**53 + 1], [-(2**53) - 3, 7], [-0.0], [1e-05], [1e16, 2.5], [None, -0.0],
+                                    [True, 2**53 + 1], [None, 1e-7], [3, 4.5], [None, 0.25]])
+def test_a_compact_body_takes_its_road_only_when_every_number_is_written_as_rfc_8785_writes_it(
+        values: list[Any]) -> None:
+    point = TABLE.by_id["CT-104"].index  # a 64-bit integer point, written with %.12g: any of these values
+    batch = ReadingBatch(1_764_331_200_000, [point] * len(values), values, [2 if v is None else 0 for v in values])
+    body = ENCODER.body([batch])[0]
+    assert isinstance(body, EntryReady) == written_as_rfc_8785(batch) == (values in ([3, 4.5], [None, 0.25]))
+    assert body_entry_bytes(body, 42, LINK, data=True) == generic(body, 42, LINK)
 
 
 def any_double() -> st.SearchStrategy[float]:
