@@ -148,12 +148,24 @@ def test_a_message_rolled_back_with_its_transaction_leaves_the_head_where_it_was
     with Store(tmp_path / "s.db") as store:
         fill(store, 2)
         head = store.chain_head()
-        with pytest.raises(RuntimeError), store.transaction():
-            store.append(KIND_DATA, 1, data_body(7))
-            raise RuntimeError("the disk refused")
-        assert store.chain_head() == head
-        seq = store.append(KIND_DATA, 1, data_body(8))
-        assert head is not None and published(store, seq)["chain"]["prev_seq"] == head.seq
+        for n in (7, 9):
+            with pytest.raises(RuntimeError), store.transaction():
+                store.append(KIND_DATA, 1, data_body(n))
+                raise RuntimeError("the disk refused")
+            seq = store.append(KIND_DATA, 1, data_body(n + 1))  # straight after: nothing else read the head
+            assert head is not None and published(store, seq)["chain"]["prev_seq"] == head.seq
+            head = store.chain_head()
+            assert head is not None and head.seq == seq
+
+
+def test_a_store_file_replaced_while_running_starts_a_declared_chain(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        fill(store, 3)
+        assert store.recover_if_corrupt(sqlite3.DatabaseError("database disk image is malformed"))
+        seq = store.append(KIND_DATA, 1, data_body(5))
+        after = store.append(KIND_DATA, 1, data_body(6))
+        assert published(store, seq)["chain"] == {"start": "recovered"}
+        assert published(store, after)["chain"]["prev_seq"] == seq
 
 
 # -- the verifier a platform runs -------------------------------------------------------------------------------
