@@ -117,7 +117,7 @@ def _data_entry_bytes(message: dict[str, Any]) -> bytes | None:
             if type(group) is not dict or type(group.get("v")) is not list:
                 return None
             t = group.get("t")
-            if type(t) is list and not _safe_integers(t):
+            if not _safe_integers(t if type(t) is list else [t]):  # one time or a list of them
                 return None
             tokens = _canonical_scalars(group["v"])
             if tokens is None:

@@ -106,6 +106,24 @@ def test_the_fast_road_gives_the_generic_bytes_for_any_values(values: list[Any],
     assert body_entry_bytes(body, 7, LINK, data=True) == generic(body, 7, LINK)
 
 
+@given(st.lists(st.one_of(scalar, st.sampled_from([math.nan, math.inf, -math.inf])), min_size=1, max_size=30),
+       st.one_of(st.sampled_from([1_764_331_200_000, 2**53 - 2, 2**53 - 1, 2**53 + 1, 1 - 2**53, -(2**53) - 1, 2**62]),
+                 st.integers(-(2**63), 2**63 - 2)), st.booleans())
+def test_the_compact_encoders_road_gives_the_generic_bytes_for_any_values_and_times(
+        values: list[Any], ts: int, stamped: bool) -> None:
+    point = TABLE.by_id["CT-104"].index  # a 64-bit integer point, written with %.12g: any of these values
+    n = len(values)
+    batch = ReadingBatch(ts, [point] * n, values, [2 if v is None else 0 for v in values],
+                         [ts + k % 2 for k in range(n)] if stamped else None)
+    body = ENCODER.body([batch])[0]
+    if any(type(v) is float and not math.isfinite(v) for v in values):
+        assert not isinstance(body, EntryReady)  # NaN and infinity are no JSON: no road may seal it as if it were
+        return
+    safe_times = ts >= -(2**53 - 1) and (ts + 1 if stamped and n > 1 else ts) <= 2**53 - 1
+    assert isinstance(body, EntryReady) == (written_as_rfc_8785(batch) and safe_times)
+    assert body_entry_bytes(body, 7, LINK, data=True) == generic(body, 7, LINK)
+
+
 @given(st.text(max_size=40), st.one_of(any_double(), st.integers(-(2**63), 2**64 - 1), st.booleans(), st.none()))
 def test_alarm_bodies_take_the_generic_road_and_verify(text: str, value: Any) -> None:
     event = AlarmEvent(point="GT-201", type="high", level=1, state="raised", value=value,

@@ -17,12 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from agent.errors import StoreError
-
-if TYPE_CHECKING:
-    from agent.trust.chain import Head
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +95,6 @@ class Database:
         # the alarm_state table as this connection last wrote it and committed; None: not known (a new connection,
         # a rolled-back transaction), so the next save rewrites it whole
         self._saved_states: dict[str, str] | None = None
-        # the chain's head (agent.store.outbox) as this connection last wrote it, in a 1-tuple (its head may be
-        # None); None: not known, read from the table
-        self._chain_head: tuple[Head | None] | None = None
 
     @property
     def seq_file(self) -> Path:
@@ -136,7 +130,7 @@ class Database:
         db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA busy_timeout=5000")
         self._db = db
-        self._forget_mirrors()
+        self._saved_states = None
         return db
 
     def _open_file(self) -> None:
@@ -267,7 +261,7 @@ class Database:
         try:
             yield
         except BaseException:
-            self._forget_mirrors()
+            self._saved_states = None
             with contextlib.suppress(sqlite3.Error):
                 self.db.execute("ROLLBACK")
             raise
@@ -275,7 +269,7 @@ class Database:
             try:
                 self.db.execute("COMMIT")
             except BaseException:
-                self._forget_mirrors()
+                self._saved_states = None
                 raise
         finally:
             self._in_tx = False
@@ -359,11 +353,6 @@ class Database:
             else:
                 saved[i] = state
         self._saved_states = saved  # the enclosing transaction forgets it again if it rolls back
-
-    def _forget_mirrors(self) -> None:
-        """What this connection wrote is no longer known to be in the tables (a new connection, a rollback)."""
-        self._saved_states = None
-        self._chain_head = None
 
     def forget_saved_states(self) -> None:
         """The next save writes every state (the alarms themselves were replaced: a new configuration)."""

@@ -78,9 +78,7 @@ class Outbox(Database):
 
     def chain_head(self) -> Head | None:
         """The last message sealed, which the next one names; None when the store holds no chain yet."""
-        if self._chain_head is None or not self._in_tx:  # outside a transaction another connection may write
-            self._chain_head = (Head.parse(self.meta(CHAIN_HEAD)),)
-        return self._chain_head[0]
+        return Head.parse(self.meta(CHAIN_HEAD))
 
     def _seal(self, kind: int, seq: int, body: bytes) -> bytes:
         topic = KIND_NAMES.get(kind, "data")
@@ -94,7 +92,6 @@ class Outbox(Database):
         if previous is None:
             log.info("store: a chain of messages starts at seq %d (%s store)", seq, start)
         self.set_meta(CHAIN_HEAD, head.text())
-        self._chain_head = (head,)  # the enclosing transaction forgets it again if it rolls back
         return sealed
 
     def ack(self, seqs: Iterable[int]) -> int:
