@@ -34,6 +34,7 @@ from agent.control.socket import ControlServer
 from agent.pipeline.ingest import Pipeline
 from agent.pipeline.poller import Poller
 from agent.store import Store
+from agent.store.lock import StoreLock
 from agent.store.upkeep import Upkeep, UpkeepConfig
 from agent.uplink.uplink import Uplink
 
@@ -130,7 +131,7 @@ class Agent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         self.store.sealer = load_sealer(self.config.store.path.parent)  # the store's folder: push cannot move it
-        with self.store:
+        with StoreLock(self.config.store.path), self.store:
             live = LiveConfig(self, self.bootstrap)
             cfg = self.config = await live.choose(self.config)
             self.uplink = uplink = Uplink(cfg.uplink, cfg.agent, self.store, version=__version__,
