@@ -159,8 +159,8 @@ def test_a_message_rolled_back_with_its_transaction_leaves_the_head_where_it_was
 
 
 def test_two_writers_on_one_store_keep_one_chain(tmp_path: Path) -> None:
-    # nothing stops a second process on the same file (a manual run beside the service): each message must
-    # still name the one stored just before it, whoever stored that
+    # two writers of one file (the daemon refuses a second one, agent.store.lock; a tool may still open it): each
+    # message must still name the one stored just before it, whoever stored that
     with Store(tmp_path / "s.db") as one, Store(tmp_path / "s.db") as other:
         seqs = [(one if n % 3 else other).append(KIND_DATA, 1, data_body(n)) for n in range(7)]
         links = [published(one, seq)["chain"].get("prev_seq") for seq in seqs]
