@@ -25,7 +25,6 @@ from agent.drivers.modbus.codec import (
     ModbusDevice,
     ModbusError,
     parse_read_reply,
-    plan_blocks,
     read_request,
 )
 from agent.errors import LinkError, NoReply
@@ -160,13 +159,12 @@ class RtuMaster(BlockReader):
     # a reply with a bad CRC or frame is noise on a bus that answers: the other blocks still get asked
     answered = (ModbusError, FrameError)
 
-    def __init__(self, channel_id: str, devices: list[ModbusRtuDevice], *, gap: float, quiet: float,
-                 settle_max: float) -> None:
+    def __init__(self, channel_id: str, *, gap: float, quiet: float, settle_max: float) -> None:
         self.channel_id = channel_id
         self.gap = gap
         self._quiet = quiet
         self._settle_max = settle_max
-        self._plans = {d.id: plan_blocks(d) for d in devices}
+        self._plans = {}
         self._link: ByteLink | None = None
         self._lock = asyncio.Lock()
         self._idle_since = 0.0
@@ -346,7 +344,7 @@ class ModbusRtuDriver(RtuMaster):
     def __init__(self, channel: ModbusRtuChannel) -> None:
         gap = channel.effective_frame_gap()
         # a frame's tail arrives within a few character times; the longest frame bounds the wait
-        super().__init__(channel.id, channel.devices, gap=gap, quiet=max(gap, 0.002),
+        super().__init__(channel.id, gap=gap, quiet=max(gap, 0.002),
                          settle_max=MAX_FRAME * channel.char_time() + 4 * gap + 0.05)
         self.channel = channel
 
@@ -367,7 +365,7 @@ class ModbusRtuTcpDriver(RtuMaster):
 
     def __init__(self, channel: ModbusRtuTcpChannel) -> None:
         # device servers forward serial bytes in TCP segments with pauses of their own
-        super().__init__(channel.id, channel.devices, gap=channel.frame_gap,
+        super().__init__(channel.id, gap=channel.frame_gap,
                          quiet=max(channel.frame_gap, 0.02), settle_max=0.5)
         self.channel = channel
 

@@ -22,7 +22,6 @@ from agent.drivers.modbus.codec import (
     ModbusDevice,
     ModbusError,
     parse_read_reply,
-    plan_blocks,
     read_request,
 )
 from agent.drivers.modbus.mbap import MbapConnection
@@ -46,7 +45,7 @@ class ModbusTcpDriver(BlockReader):
 
     def __init__(self, channel: ModbusTcpChannel) -> None:
         self.channel = channel
-        self._plans = {d.id: plan_blocks(d) for d in channel.devices}
+        self._plans = {}
         self._connection: MbapConnection | None = None
         self._tid = 0
 
