@@ -47,7 +47,7 @@ def test_the_watch_ends_with_its_task_and_leaves_no_timer() -> None:
         await asyncio.gather(task, return_exceptions=True)
         loop = asyncio.get_running_loop()
         # the loop's own timers: none of them is the watch's
-        return sum(1 for handle in loop._scheduled if not handle.cancelled())  # type: ignore[attr-defined]
+        return sum(1 for handle in loop._scheduled if not handle.cancelled())  # type: ignore[attr-defined,misc]
 
     assert asyncio.run(main()) == 0
 
@@ -72,3 +72,28 @@ def test_the_watch_keeps_firing_while_the_loop_turns() -> None:
 
     fired = asyncio.run(main())
     assert 5 <= fired <= 0.5 / PERIOD + 2, fired
+
+
+def test_a_second_run_at_once_is_refused_and_a_later_one_works() -> None:
+    async def main() -> tuple[bool, int]:
+        watch = LoopWatch()
+        first = asyncio.create_task(watch.run())
+        await _settle(PERIOD)
+        refused = False
+        try:
+            await asyncio.wait_for(watch.run(), 1.0)  # a second run let in would run until cancelled
+        except RuntimeError:
+            refused = True
+        except TimeoutError:
+            pass
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        again = asyncio.create_task(watch.run())
+        await _settle(3 * PERIOD)
+        again.cancel()
+        await asyncio.gather(again, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        return refused, sum(1 for handle in loop._scheduled if not handle.cancelled())  # type: ignore[attr-defined,misc]
+
+    refused, left = asyncio.run(main())
+    assert refused and left == 0
