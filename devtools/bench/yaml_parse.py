@@ -1,5 +1,5 @@
 """YAML parse benchmark: where the first start of a large YAML configuration goes, reader by reader. The benchmark's
-synthetic plant (1,000 points to a device, every rule on, as `bench.startup` writes it) is parsed in this process
+synthetic plant (1,000 points to a device, every rule on: `bench.startup`'s) is parsed in this process
 by each reader in turn; prints the median seconds of --repeat runs of each, and asserts nothing.
 
     python -m bench.yaml_parse [--points 100000] [--repeat 3] [--json]
@@ -30,21 +30,7 @@ from typing import Any
 import yaml
 
 from agent.config import yaml_stream
-from simulators.modbus import synthetic_data
-
-PER_DEVICE = 1000
-
-
-def _document(points: int, store: Path) -> dict[str, Any]:
-    """The plant `bench.startup` starts (its devices' ports aside, which change no size)."""
-    data = synthetic_data(points, interval=1.0, port=1502, store=str(store), per_device=PER_DEVICE,
-                          channels=-(-points // PER_DEVICE))
-    for channel in data["channels"]:
-        for device in channel["devices"]:
-            for point in device["points"]:
-                point["limits"].update({"rate_rise": 500.0, "rate_window": 30.0, "deadband": 0.5})
-    data["log_level"] = "warning"
-    return data
+from bench.startup import PER_DEVICE, document
 
 
 def _raw(text: str) -> None:
@@ -97,7 +83,7 @@ def main() -> None:
     if args.points < 1 or args.repeat < 1:
         parser.error("--points and --repeat must be positive")
     with tempfile.TemporaryDirectory(prefix="edge-agent-yaml-") as folder:
-        data = _document(args.points, Path(folder) / "store.db")
+        data = document(args.points, [1502] * -(-args.points // PER_DEVICE), Path(folder) / "store.db")
     yaml_text = yaml.safe_dump(data, sort_keys=False)
     json_text = json.dumps(data)
     if yaml_stream.load(yaml_text) != data:
