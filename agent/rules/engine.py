@@ -42,8 +42,10 @@ class AlarmEngine:
         self._latching, faults = self._walk(config)
         # the quiet band of each point: strictly between these, no limit rule can change state; a point whose
         # rules are not all settled (normal, no on-delay running) gets an empty band (+inf, -inf)
-        self._lo = array("d", [_INF]) * n
-        self._hi = array("d", [-_INF]) * n
+        # lists, not arrays: points written alike share one band, and a read hands over that float instead of
+        # making one (as many bytes a point; the pipeline took 4 % less)
+        self._lo: list[float] = [_INF] * n
+        self._hi: list[float] = [-_INF] * n
         self._limit_rules: dict[int, list[LimitRule]] = {}
         self._other_rules: list[tuple[Rule, ...] | None] = [None] * n  # rate, fault, crowding, halt: fed the value
         self._rates = RateTable(n)

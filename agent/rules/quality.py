@@ -231,8 +231,8 @@ class QualityRules:
             fz_list.append(known[4])
             prof.append(known[5])
             flags[i] = known[6]  # a derived point has no rule and no device: always the fast path
-        self._lo = array("d", lo_list)
-        self._hi = array("d", hi_list)
+        self._lo = lo_list  # lists, not arrays: a few shared floats, handed over by a read, not made (as the engine's)
+        self._hi = hi_list
         self._eps = array("f", eps_list)
         self._step = array("f", step_list)
         self._fz = array("I", fz_list)
